@@ -1,0 +1,204 @@
+"""
+Mamba-2 in pure PyTorch: a twin of `mamba_ssm.modules.mamba2.Mamba2` that runs anywhere.
+
+Same constructor arguments (for everything that affects training), same parameter names, shapes and
+initialisation, so `ours.load_state_dict(official.state_dict())` works both ways. The SSD (state space
+duality) layer is computed by the chunked algorithm of the Mamba-2 paper (Dao & Gu, 2024, Listing 1):
+within a chunk the SSM is a masked "attention" matrix (quadratic, matmul-friendly); across chunks only
+the (headdim x d_state) states are carried by a short recurrence. No Python loop over time steps.
+
+Notation (as in the paper and mamba_ssm): b batch, l length, h heads, p headdim, g groups, n d_state,
+c chunks, s/t positions inside a chunk.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+
+def segsum(x):
+    """Stable segment sum: out[..., i, j] = x[..., j+1] + ... + x[..., i] for j <= i, -inf above.
+
+    exp(segsum(dA)) is the decay matrix L of the SSD. Summing the masked terms (rather than
+    subtracting two cumulative sums) avoids cancellation between large cumsums.
+    """
+    # x : (..., T)
+    T = x.size(-1)
+    x = x[..., :, None].expand(*x.shape, T)  # x[..., i, j] = x_i
+    strictly_lower = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device), diagonal=-1)
+    x = torch.cumsum(x.masked_fill(~strictly_lower, 0), dim=-2)
+    lower = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device), diagonal=0)
+    return x.masked_fill(~lower, -torch.inf)
+
+
+def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
+                              *, dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False):
+    """SSD with the calling convention of mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined.
+
+    x: (b, l, h, p)  dt: (b, l, h)  A: (h,)  B, C: (b, l, g, n)  D: (h,) or (h, p)  z: (b, l, h, p)
+    dt_bias: (h,)  initial_states: (b, h, p, n).  Returns y (b, l, h, p) [, final_states (b, h, p, n)].
+    Any length l works; bf16/fp16 inputs are computed in fp32 and y is cast back to x.dtype.
+    """
+    b, l, h, p = x.shape
+    g = B.shape[2]
+    assert h % g == 0, f"nheads ({h}) must be divisible by ngroups ({g})"
+    out_dtype = x.dtype
+    x, B, C, A = x.float(), B.float(), C.float(), A.float()
+
+    # dt as the kernel computes it: + bias, softplus (threshold 20, as the kernel), clamp to dt_limit
+    dt = dt.float()
+    if dt_bias is not None:
+        dt = dt + dt_bias.float()
+    if dt_softplus:
+        dt = F.softplus(dt)
+    dt = dt.clamp(dt_limit[0], dt_limit[1])
+
+    # Balanced chunks: c = ceil(l / chunk_size) chunks of equal size q <= chunk_size, so at most c - 1
+    # padded steps (chunk_size 256: 196 -> one chunk of 196, 784 -> four of 196). Padded steps have dt = 0: no decay and
+    # no input, so neither the outputs nor the final state change. The chunking never changes the math.
+    c = math.ceil(l / chunk_size)
+    q = math.ceil(l / c)
+    pad = c * q - l
+    # head-major layout, so every product below is a batched matmul over (b, g, r, c)
+    xdt = rearrange(F.pad(x * dt[..., None], (0, 0, 0, 0, 0, pad)), "b (c s) (g r) p -> b g r c s p", s=q, g=g)
+    Bc, Cc = (rearrange(F.pad(t, (0, 0, 0, 0, 0, pad)), "b (c s) g n -> b g 1 c s n", s=q) for t in (B, C))
+    dA = rearrange(F.pad(dt * A, (0, 0, 0, pad)), "b (c s) (g r) -> b g r c s", s=q, g=g)  # r: heads per group
+    dA_cs = torch.cumsum(dA, dim=-1)  # (b, g, r, c, s)
+
+    # 1. Intra-chunk output (diagonal blocks): y = (C B^T o L) (x dt), L = exp(segsum(dA))
+    CB = Cc @ Bc.transpose(-1, -2)  # (b, g, 1, c, t, s), shared by the group's heads
+    y_diag = (CB * torch.exp(segsum(dA))) @ xdt  # (b, g, r, c, t, p)
+
+    # 2. Each chunk's final state from its own inputs (right factor of the off-diagonal blocks)
+    decay_states = torch.exp(dA_cs[..., -1:] - dA_cs)  # (b, g, r, c, s)
+    states = (xdt * decay_states[..., None]).transpose(-1, -2) @ Bc  # (b, g, r, c, p, n)
+
+    # 3. Inter-chunk recurrence: the true state at every chunk boundary (middle factor)
+    if initial_states is None:
+        init = torch.zeros_like(states[:, :, :, :1])
+    else:
+        init = rearrange(initial_states.float(), "b (g r) p n -> b g r 1 p n", g=g)
+    states = torch.cat([init, states], dim=3)  # (b, g, r, c+1, p, n)
+    decay_chunk = torch.exp(segsum(F.pad(dA_cs[..., -1], (1, 0))))  # (b, g, r, c+1, c+1)
+    states = torch.einsum("bgrzc,bgrcpn->bgrzpn", decay_chunk, states)
+    states, final_states = states[:, :, :, :-1], states[:, :, :, -1]
+
+    # 4. State -> output inside each chunk (left factor)
+    y_off = (Cc @ states.transpose(-1, -2)) * torch.exp(dA_cs)[..., None]  # (b, g, r, c, t, p)
+
+    y = rearrange(y_diag + y_off, "b g r c t p -> b (c t) (g r) p")[:, :l]
+    if D is not None:
+        y = y + x * (D.float()[:, None] if D.dim() == 1 else D.float())
+    if z is not None:
+        y = y * F.silu(z.float())
+    y = y.to(out_dtype)
+    if return_final_states:
+        return y, rearrange(final_states, "b g r p n -> b (g r) p n")
+    return y
+
+
+def rmsnorm_fn(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_before_gate=True):
+    """Gated RMSNorm with the convention of mamba_ssm.ops.triton.layernorm_gated.rmsnorm_fn.
+
+    norm_before_gate: norm(x) * silu(z), else norm(x * silu(z)). Normalised per group of group_size.
+    """
+    # x, z : (..., d)
+    dtype = x.dtype
+    x = x.float()
+    if z is not None and not norm_before_gate:
+        x = x * F.silu(z.float())
+    xg = rearrange(x, "... (g d) -> ... g d", d=group_size or x.shape[-1])
+    out = rearrange(xg * torch.rsqrt(xg.square().mean(-1, keepdim=True) + eps), "... g d -> ... (g d)")
+    out = out * weight.float()
+    if bias is not None:
+        out = out + bias.float()
+    if z is not None and norm_before_gate:
+        out = out * F.silu(z.float())
+    return out.to(dtype)
+
+
+class RMSNormGated(nn.Module):
+    """Parameters as mamba_ssm's layernorm_gated.RMSNorm (weight; bias registered as None)."""
+
+    def __init__(self, hidden_size, *, eps=1e-5, group_size=None, norm_before_gate=True):
+        super().__init__()
+        self.eps, self.group_size, self.norm_before_gate = eps, group_size, norm_before_gate
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.register_parameter("bias", None)
+
+    def forward(self, x, z=None):
+        return rmsnorm_fn(x, self.weight, self.bias, z=z, eps=self.eps, group_size=self.group_size,
+                          norm_before_gate=self.norm_before_gate)
+
+
+class Mamba2(nn.Module):
+    """in_proj -> depthwise causal conv + SiLU -> SSD -> gated RMSNorm -> out_proj (mamba_ssm's Mamba2)."""
+
+    def __init__(self, d_model, d_state=128, d_conv=4, conv_init=None, expand=2, headdim=64, ngroups=1,
+                 A_init_range=(1, 16), D_has_hdim=False, rmsnorm=True, norm_before_gate=False,
+                 dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4, dt_limit=(0.0, float("inf")),
+                 bias=False, conv_bias=True, chunk_size=256):
+        super().__init__()
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner = expand * d_model
+        if self.d_inner % headdim:
+            raise ValueError(f"d_model*expand = {self.d_inner} must be divisible by headdim = {headdim}")
+        self.headdim, self.nheads = headdim, self.d_inner // headdim
+        if self.nheads % ngroups:
+            raise ValueError(f"nheads = {self.nheads} must be divisible by ngroups = {ngroups}")
+        self.ngroups, self.D_has_hdim, self.rmsnorm = ngroups, D_has_hdim, rmsnorm
+        self.norm_before_gate, self.dt_limit, self.chunk_size = norm_before_gate, tuple(dt_limit), chunk_size
+
+        # in_proj output order: [z, x, B, C, dt]
+        self.conv_dim = self.d_inner + 2 * ngroups * d_state
+        self.in_proj = nn.Linear(d_model, self.d_inner + self.conv_dim + self.nheads, bias=bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim,
+                                padding=d_conv - 1, bias=conv_bias)
+        if conv_init is not None:
+            nn.init.uniform_(self.conv1d.weight, -conv_init, conv_init)
+
+        # dt_bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max]
+        dt = torch.exp(torch.rand(self.nheads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = torch.clamp(dt, min=dt_init_floor)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        assert A_init_range[0] > 0 and A_init_range[1] >= A_init_range[0]
+        self.A_log = nn.Parameter(torch.log(torch.empty(self.nheads).uniform_(*A_init_range)))
+        self.D = nn.Parameter(torch.ones(self.d_inner if D_has_hdim else self.nheads))
+        for param in (self.dt_bias, self.A_log, self.D):
+            param._no_weight_decay = True  # as mamba_ssm: no weight decay on the SSM's own parameters
+        if rmsnorm:
+            self.norm = RMSNormGated(self.d_inner, eps=1e-5, norm_before_gate=norm_before_gate,
+                                     group_size=self.d_inner // ngroups)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+
+    def forward(self, u):
+        return self.mix(u, scan=mamba_chunk_scan_combined, gated_norm=rmsnorm_fn)
+
+    def mix(self, u, *, scan, gated_norm):
+        """The Mamba-2 forward with the SSD `scan` and `gated_norm` functions given (portable or official)."""
+        # u : (b, l, d_model)
+        l = u.shape[1]
+        z, xBC, dt = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        xBC = F.silu(self.conv1d(xBC.transpose(1, 2))[..., :l].transpose(1, 2))  # causal: drop the tail
+        x, B, C = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        y = scan(
+            rearrange(x, "b l (h p) -> b l h p", p=self.headdim),
+            dt,
+            -torch.exp(self.A_log.float()),
+            rearrange(B, "b l (g n) -> b l g n", g=self.ngroups),
+            rearrange(C, "b l (g n) -> b l g n", g=self.ngroups),
+            self.chunk_size,
+            D=rearrange(self.D, "(h p) -> h p", p=self.headdim) if self.D_has_hdim else self.D,
+            z=None if self.rmsnorm else rearrange(z, "b l (h p) -> b l h p", p=self.headdim),
+            dt_bias=self.dt_bias,
+            dt_softplus=True,
+            dt_limit=self.dt_limit,
+        )
+        y = rearrange(y, "b l h p -> b l (h p)")
+        if self.rmsnorm:
+            y = gated_norm(y, self.norm.weight, None, z=z, eps=self.norm.eps, group_size=self.norm.group_size,
+                           norm_before_gate=self.norm_before_gate)
+        return self.out_proj(y)

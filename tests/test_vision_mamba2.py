@@ -1,0 +1,152 @@
+"""The Vision Mamba 2 model: shapes, scans, parameters, errors, backends and the architecture check."""
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from einops import rearrange
+
+from vision_mamba2 import (VisionMamba2Config, VisionMambaBlock, create_vision_mamba2_model, resolve_backend,
+                           scan_orders)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(d_model=16, num_blocks=2, d_state=8, headdim=8, dropout=0.0)
+
+
+@pytest.mark.parametrize("scan", ["uni", "bi", "cross"])
+def test_forward_backward_shapes(scan):
+    torch.manual_seed(0)
+    model = create_vision_mamba2_model(**TINY, scan=scan)
+    x = torch.randn(3, 1, 28, 28)
+    logits = model(x)
+    assert logits.shape == (3, 10)
+    logits.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_default_model_is_under_500k_parameters():
+    model = create_vision_mamba2_model()
+    n = sum(p.numel() for p in model.parameters())
+    assert 400_000 < n <= 500_000, n
+    assert (model.config.d_model, model.config.num_blocks) == (128, 4)
+
+
+@pytest.mark.parametrize("scan", ["uni", "bi", "cross"])
+def test_scan_orders_are_permutations(scan):
+    orders = scan_orders(scan, 3, 4)
+    assert orders.shape == ({"uni": 1, "bi": 2, "cross": 4}[scan], 12)
+    for order in orders:
+        assert sorted(order.tolist()) == list(range(12))
+    assert orders[0].tolist() == list(range(12))  # row-major first
+    if scan != "uni":
+        assert orders[1].tolist() == list(range(11, -1, -1))
+    if scan == "cross":
+        assert orders[2].tolist() == [0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11]  # column-major
+
+
+@pytest.mark.parametrize("scan", ["uni", "bi", "cross"])
+def test_block_equals_mixer_run_on_each_direction(scan):
+    """The block is x + mean over directions of mixer(norm(x) read in that order), put back in place."""
+    torch.manual_seed(0)
+    block = VisionMambaBlock(dim=16, grid_size=5, scan=scan, d_state=8, headdim=8)
+    torch.nn.init.normal_(block.direction_embed)
+    x = torch.randn(2, 16, 5, 5)
+    t = rearrange(x, "b c h w -> b (h w) c")
+    expected = t.clone()
+    for k, order in enumerate(scan_orders(scan, 5, 5)):
+        y = block.mixer(block.norm(t)[:, order] + block.direction_embed[k])
+        expected[:, order] += y / len(block.order)
+    torch.testing.assert_close(block(x), rearrange(expected, "b (h w) c -> b c h w", h=5))
+
+
+def test_uni_scan_is_causal_and_crosses_rows():
+    """One sequence over the whole grid: a token reaches every later token, rows included, never earlier."""
+    torch.manual_seed(0)
+    # float64: at initialisation the SSM's decay makes far effects tiny, below float32 next to the residual
+    block = VisionMambaBlock(dim=16, grid_size=4, scan="uni", d_state=8, headdim=8).double()
+    x = torch.randn(1, 16, 4, 4, dtype=torch.float64)
+    x2 = x.clone()
+    x2[0, :, 1, 2] += torch.randn(16, dtype=torch.float64)  # token 6 in row-major order
+    diff = (block(x2) - block(x)).abs().sum(1).flatten()  # (16,) change per token
+    assert torch.all(diff[:6] == 0)
+    assert torch.all(diff[6:] > 0)  # including rows 2 and 3
+
+
+@pytest.mark.parametrize("shape", [(28, 28), (2, 1, 28), (2, 3, 28, 28), (2, 1, 32, 32), (1, 2, 1, 28, 28)])
+def test_bad_input_shapes_raise_value_error(shape):
+    model = create_vision_mamba2_model(**TINY)
+    with pytest.raises(ValueError, match=r"expected input of shape \(B, 1, 28, 28\)"):
+        model(torch.randn(shape))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(headdim=12), "must be divisible by headdim"),
+    (dict(d_state=7), "multiple of 8"),
+    (dict(ngroups=3), "divisible by ngroups"),
+    (dict(scan="diagonal"), "scan must be one of"),
+    (dict(backend="cuda"), "backend must be one of"),
+    (dict(patch_size=3), "divisible by patch_size"),
+    (dict(num_blocks=0), "num_blocks must be a positive integer"),
+    (dict(dropout=1.0), "dropout must be in"),
+])
+def test_impossible_configs_say_what_to_change(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        create_vision_mamba2_model(**{**TINY, **overrides})
+
+
+def test_multiple_of_8_applies_only_to_the_official_kernels():
+    create_vision_mamba2_model(**{**TINY, "d_state": 7, "backend": "portable"})
+
+
+def test_config_from_dict_rejects_unknown_keys():
+    assert VisionMamba2Config.from_dict({"d_model": 64}).d_model == 64
+    with pytest.raises(ValueError, match="unknown model config keys"):
+        VisionMamba2Config.from_dict({"d_model": 64, "n_layers": 3})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
+def test_backends_without_a_gpu():
+    assert resolve_backend("auto", "cpu") == "portable"
+    assert resolve_backend("portable", "cpu") == "portable"
+    with pytest.raises(RuntimeError, match="only on a CUDA GPU"):
+        resolve_backend("official", "cpu")
+    with pytest.raises(RuntimeError, match="only on a CUDA GPU"):
+        create_vision_mamba2_model(**TINY, backend="official")
+
+
+def test_one_state_dict_serves_every_backend_setting():
+    torch.manual_seed(0)
+    model = create_vision_mamba2_model(**TINY, scan="cross")
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    other = create_vision_mamba2_model(**TINY, scan="cross", backend="portable")
+    other.load_state_dict(torch.load(buf, weights_only=True))
+    x = torch.randn(2, 1, 28, 28)
+    model.eval(), other.eval()
+    torch.testing.assert_close(model(x), other(x), rtol=0, atol=0)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "vision_mamba2.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_architecture_check_cli():
+    r = run_cli("--d-model", "32", "--num-blocks", "2", "--d-state", "16", "--scan", "cross")
+    assert r.returncode == 0, r.stderr
+    assert "backend in use: portable" in r.stdout
+    assert "parameters:" in r.stdout and "blocks.1" in r.stdout
+    assert "(4, 32, 14, 14)" in r.stdout and "forward + backward OK" in r.stdout
+
+
+@pytest.mark.parametrize("args,message", [(("--headdim", "24"), "divisible by headdim"),
+                                          (("--scan", "zigzag"), "scan must be one of")])
+def test_architecture_check_cli_bad_config(args, message):
+    r = run_cli(*args)
+    assert r.returncode != 0
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -1,0 +1,327 @@
+"""
+Vision Mamba 2: an MNIST classifier built from Mamba-2 (SSD) blocks instead of CNN layers.
+
+    image (B, 1, 28, 28) -> conv stem, stride 2 -> (B, D, 14, 14) + learned 2-D position embedding
+    -> num_blocks x VisionMambaBlock: the whole 14x14 grid as one 196-token sequence, read in one
+       ("uni"), two ("bi", as Vim) or four ("cross", as VMamba) directions by one Mamba-2 mixer
+    -> LayerNorm -> global average pool -> MLP head -> logits (B, 10)
+
+Two backends, one set of weights. On CUDA with mamba-ssm installed, the official Triton SSD kernels
+(fused with causal-conv1d when its CUDA extension is there); everywhere else the pure-PyTorch twin in
+mamba2_torch.py. The choice is made per forward pass from the tensor's device, so a model moves freely
+between CPU and GPU. `python vision_mamba2.py` checks the architecture.
+"""
+
+import argparse
+import dataclasses
+import functools
+import importlib.util
+import sys
+import types
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from einops import rearrange
+
+from mamba2_torch import Mamba2
+
+SCANS = {"uni": 1, "bi": 2, "cross": 4}  # scan mode -> number of directions
+BACKENDS = ("auto", "official", "portable")
+
+
+@dataclass
+class VisionMamba2Config:
+    img_size: int = 28
+    in_chans: int = 1
+    num_classes: int = 10
+    patch_size: int = 2  # stem stride: 28x28 pixels -> 14x14 tokens
+    d_model: int = 128
+    num_blocks: int = 4
+    d_state: int = 32
+    d_conv: int = 4
+    expand: int = 2
+    headdim: int = 32
+    ngroups: int = 1
+    chunk_size: int = 64  # the SSD's chunk length: same result for any value; 64 is fastest on CPU (bench.py)
+    scan: str = "bi"
+    dropout: float = 0.1  # in the classifier head
+    backend: str = "auto"
+
+    @classmethod
+    def from_dict(cls, d):
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}: written by another version of this code?")
+        return cls(**d)
+
+    def validate(self):
+        """Raise ValueError naming the numbers to change if this model cannot be built."""
+        for name in ("img_size", "in_chans", "num_classes", "patch_size", "d_model", "num_blocks", "d_state",
+                     "d_conv", "expand", "headdim", "ngroups", "chunk_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.scan not in SCANS:
+            raise ValueError(f"scan must be one of {list(SCANS)}, got {self.scan!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} must be divisible by patch_size {self.patch_size}")
+        d_inner = self.d_model * self.expand
+        if d_inner % self.headdim:
+            raise ValueError(f"d_model*expand = {d_inner} must be divisible by headdim = {self.headdim}")
+        if (d_inner // self.headdim) % self.ngroups:
+            raise ValueError(f"the number of heads d_model*expand/headdim = {d_inner // self.headdim} "
+                             f"must be divisible by ngroups = {self.ngroups}")
+        conv_dim = d_inner + 2 * self.ngroups * self.d_state
+        if self.backend != "portable" and conv_dim % 8:
+            # causal-conv1d's channels-last kernel, used by the official fused path, requires it
+            raise ValueError(f"the official kernels need d_model*expand + 2*ngroups*d_state = {conv_dim} to be a "
+                             f"multiple of 8: change d_model, expand, ngroups or d_state, or use backend='portable'")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backends
+
+
+@functools.cache
+def load_official_kernels():
+    """mamba_ssm's Mamba-2 kernels as a namespace, or None when mamba-ssm is not installed."""
+    if importlib.util.find_spec("mamba_ssm") is None:
+        return None
+    try:
+        import selective_scan_cuda  # noqa: F401
+    except ImportError:
+        # mamba_ssm/__init__ imports Mamba (v1), whose module imports this CUDA extension unguarded;
+        # without it (a source install that skipped the CUDA build) the package fails to import even
+        # though Mamba-2's Triton kernels don't need it. A placeholder lets the package import.
+        sys.modules["selective_scan_cuda"] = types.ModuleType(
+            "selective_scan_cuda", "placeholder: mamba-ssm was installed without this CUDA extension")
+    from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined
+    try:  # the fused path needs causal-conv1d's compiled CUDA extension
+        import causal_conv1d_cuda  # noqa: F401
+        fused = mamba_split_conv1d_scan_combined
+    except ImportError:
+        fused = None
+    return types.SimpleNamespace(scan=mamba_chunk_scan_combined, gated_norm=rmsnorm_fn, fused=fused)
+
+
+def resolve_backend(backend, device):
+    """Which Mamba-2 implementation runs on `device`: "official" or "portable"."""
+    device = torch.device(device)
+    if backend == "portable":
+        return "portable"
+    if backend == "official":
+        if device.type != "cuda" or not torch.cuda.is_available():
+            raise RuntimeError(f"backend 'official' runs only on a CUDA GPU, got device {device}"
+                               f"{'' if torch.cuda.is_available() else ' and no GPU is available'}: "
+                               "use backend 'auto' or 'portable'")
+        if load_official_kernels() is None:
+            raise RuntimeError("backend 'official' needs mamba-ssm: see the README's GPU install commands")
+        return "official"
+    if backend == "auto":
+        return "official" if device.type == "cuda" and load_official_kernels() is not None else "portable"
+    raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+
+
+class Mamba2Mixer(Mamba2):
+    """The Mamba-2 twin, handing its work to the official kernels when the backend says so."""
+
+    def __init__(self, *, backend, **mamba_kwargs):
+        super().__init__(**mamba_kwargs)
+        self.backend = backend
+
+    def forward(self, u):
+        # u : (B, L, D)
+        if resolve_backend(self.backend, u.device) == "portable":
+            return super().forward(u)
+        kernels = load_official_kernels()
+        if kernels.fused is None:
+            return self.mix(u, scan=kernels.scan, gated_norm=kernels.gated_norm)
+        D = rearrange(self.D, "(h p) -> h p", p=self.headdim) if self.D_has_hdim else self.D
+        return kernels.fused(
+            self.in_proj(u), rearrange(self.conv1d.weight, "d 1 w -> d w"), self.conv1d.bias, self.dt_bias,
+            -torch.exp(self.A_log.float()), D, self.chunk_size, dt_limit=self.dt_limit, activation="silu",
+            rmsnorm_weight=self.norm.weight if self.rmsnorm else None,
+            rmsnorm_eps=self.norm.eps if self.rmsnorm else 1e-6,
+            outproj_weight=self.out_proj.weight, outproj_bias=self.out_proj.bias,
+            headdim=None if self.D_has_hdim else self.headdim, ngroups=self.ngroups,
+            norm_before_gate=self.norm_before_gate)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model
+
+
+def scan_orders(scan, h, w):
+    """Token orders (k, h*w) of a scan mode's k directions over a row-major h x w grid."""
+    grid = torch.arange(h * w).view(h, w)
+    rows, cols = grid.flatten(), grid.t().flatten()
+    orders = {"uni": [rows], "bi": [rows, rows.flip(0)], "cross": [rows, rows.flip(0), cols, cols.flip(0)]}
+    return torch.stack(orders[scan])
+
+
+class VisionMambaBlock(nn.Module):
+    """Pre-norm residual Mamba-2 block on a feature map: (B, C, H, W) -> (B, C, H, W).
+
+    The whole H x W grid is one sequence, so information crosses rows. Each direction of the scan is
+    a reordering of that sequence; all directions share one mixer (batched together in one call) and
+    get a learned direction embedding so the mixer knows which way it reads. Outputs are put back in
+    grid order and averaged.
+    """
+
+    def __init__(self, *, dim, grid_size, scan="bi", d_state=32, d_conv=4, expand=2, headdim=32, ngroups=1,
+                 chunk_size=64, backend="auto"):
+        super().__init__()
+        self.grid_size = grid_size
+        self.norm = nn.LayerNorm(dim)
+        self.mixer = Mamba2Mixer(d_model=dim, d_state=d_state, d_conv=d_conv, expand=expand, headdim=headdim,
+                                 ngroups=ngroups, chunk_size=chunk_size, backend=backend)
+        order = scan_orders(scan, grid_size, grid_size)
+        self.register_buffer("order", order, persistent=False)  # (k, L): token index read at each step
+        self.register_buffer("inverse", order.argsort(dim=1), persistent=False)
+        self.direction_embed = nn.Parameter(torch.zeros(len(order), dim))
+        self.direction_embed._no_weight_decay = True
+
+    def forward(self, x):
+        # x : (B, C, H, W)
+        h = w = self.grid_size
+        t = rearrange(x, "b c h w -> b (h w) c")  # (B, L, C), row-major
+        u = self.norm(t)[:, self.order] + self.direction_embed[:, None, :]  # (B, k, L, C)
+        k = u.shape[1]
+        y = self.mixer(rearrange(u, "b k l c -> (b k) l c"))
+        y = rearrange(y, "(b k) l c -> b k l c", k=k)
+        y = torch.take_along_dim(y, self.inverse[None, :, :, None], dim=2).mean(dim=1)  # back to grid order
+        return rearrange(t + y, "b (h w) c -> b c h w", h=h, w=w)
+
+
+class VisionMamba2(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        config.validate()
+        if config.backend == "official":
+            resolve_backend("official", "cuda")  # fail now, not at the first forward, if it can't run here
+        self.config = c = config
+        p = c.patch_size
+        self.grid_size = c.img_size // p
+        # overlapping conv stem: kernel 2p-1, stride p -> (img_size/p)^2 tokens
+        self.stem = nn.Conv2d(c.in_chans, c.d_model, kernel_size=2 * p - 1, stride=p, padding=p - 1)
+        self.pos_embed = nn.Parameter(torch.zeros(1, c.d_model, self.grid_size, self.grid_size))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.pos_embed._no_weight_decay = True  # embeddings, like norms and the SSM's A_log/D/dt_bias
+        self.blocks = nn.ModuleList(
+            VisionMambaBlock(dim=c.d_model, grid_size=self.grid_size, scan=c.scan, d_state=c.d_state,
+                             d_conv=c.d_conv, expand=c.expand, headdim=c.headdim, ngroups=c.ngroups,
+                             chunk_size=c.chunk_size, backend=c.backend)
+            for _ in range(c.num_blocks))
+        self.norm = nn.LayerNorm(c.d_model)
+        self.head = nn.Sequential(nn.Linear(c.d_model, c.d_model), nn.GELU(), nn.Dropout(c.dropout),
+                                  nn.Linear(c.d_model, c.num_classes))
+
+    def forward(self, x):
+        # x : (B, in_chans, img_size, img_size)
+        c = self.config
+        if x.dim() != 4 or tuple(x.shape[1:]) != (c.in_chans, c.img_size, c.img_size):
+            raise ValueError(f"expected input of shape (B, {c.in_chans}, {c.img_size}, {c.img_size}), "
+                             f"got {tuple(x.shape)}")
+        x = self.stem(x) + self.pos_embed  # (B, D, h, w)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(rearrange(x, "b d h w -> b (h w) d")).mean(dim=1)  # (B, D)
+        return self.head(x)  # (B, num_classes)
+
+
+def create_vision_mamba2_model(**config):
+    """VisionMamba2 from config fields (see VisionMamba2Config); the defaults give ~484K parameters."""
+    return VisionMamba2(VisionMamba2Config(**config))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Architecture check: python vision_mamba2.py [--d-model 128 --scan cross ...]
+
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def check_on(model, device, batch_size):
+    """Shapes of each stage, then a forward and backward pass on a random batch."""
+    model = model.to(device)
+    c = model.config
+    print(f"\n[{device}] backend in use: {resolve_backend(c.backend, device)}")
+    shapes = []
+    hooks = [m.register_forward_hook(lambda m, i, o, name=name: shapes.append((name, tuple(o.shape))))
+             for name, m in [("stem", model.stem), *((f"blocks.{i}", b) for i, b in enumerate(model.blocks)),
+                             ("norm", model.norm), ("head", model.head)]]
+    x = torch.randn(batch_size, c.in_chans, c.img_size, c.img_size, device=device)
+    logits = model(x)
+    for h in hooks:
+        h.remove()
+    print(f"  {'input':<10} {tuple(x.shape)}")
+    for name, shape in shapes:
+        print(f"  {name:<10} {shape}")
+    logits.logsumexp(-1).mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, f"parameters without a finite gradient: {missing}"
+    print(f"  forward + backward OK, logits {tuple(logits.shape)}, every parameter has a finite gradient")
+    model.zero_grad(set_to_none=True)
+
+
+def compare_backends(model, batch_size):
+    """On CUDA with mamba-ssm: the official kernels against the portable twin, same weights."""
+    c = model.config
+    model = model.cuda().eval()
+    x = torch.randn(batch_size, c.in_chans, c.img_size, c.img_size, device="cuda")
+    outputs = {}
+    for backend in ("official", "portable"):
+        for block in model.blocks:
+            block.mixer.backend = backend
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            outputs[backend] = model(x).float()
+    for block in model.blocks:
+        block.mixer.backend = c.backend
+    err = (outputs["official"] - outputs["portable"]).norm() / outputs["portable"].norm()
+    print(f"  official vs portable logits (bf16 autocast): relative error {err:.2e}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Check the Vision Mamba 2 architecture: shapes, parameters, "
+                                                 "backend, a forward and backward pass on CPU (and CUDA).")
+    for f in dataclasses.fields(VisionMamba2Config):
+        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                            help=f"(default: {f.default})")
+    parser.add_argument("--batch-size", type=int, default=4)
+    args = vars(parser.parse_args())
+    batch_size = args.pop("batch_size")
+    try:
+        model = create_vision_mamba2_model(**args)
+    except (ValueError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+
+    print("Vision Mamba 2 configuration:")
+    for key, value in dataclasses.asdict(model.config).items():
+        print(f"  {key:<12} {value}")
+    print(f"\nparameters: {count_params(model):,} total")
+    for name, part in [("stem + pos", [model.stem, model.pos_embed]), *((f"blocks.{i}", [b]) for i, b in
+                       enumerate(model.blocks)), ("norm + head", [model.norm, model.head])]:
+        n = sum(p.numel() if isinstance(p, nn.Parameter) else count_params(p) for p in part)
+        print(f"  {name:<12} {n:,}")
+
+    try:
+        if model.config.backend != "official":
+            check_on(model, torch.device("cpu"), batch_size)
+        if torch.cuda.is_available():
+            check_on(model, torch.device("cuda"), batch_size)
+            if load_official_kernels() is not None:
+                compare_backends(model, batch_size)
+        else:
+            print("\nno CUDA device: the official kernels were not exercised")
+    except (ValueError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""
+train.py end to end, on CPU, in seconds: a tiny model on a tiny synthetic dataset written in torchvision's
+MNIST layout (raw IDX files), so nothing is downloaded. Run from the repository root: python -m pytest tests/
+"""
+
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import train
+from vision_mamba2 import create_vision_mamba2_model
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--d-model", "16", "--num-blocks", "1", "--d-state", "16", "--headdim", "8", "--batch-size", "32",
+        "--val-size", "50", "--lr", "1e-2", "--device", "cpu", "--num-workers", "0", "--seed", "0",
+        "--log-interval", "3"]
+EPOCHS = 3
+CURVES = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")  # history entries that must replay exactly
+# One thread: for a model this small it is the fastest, and it keeps its speed when other jobs share the
+# CPU (two threads on two busy cores were 20x slower here). And no test may download anything, even on a
+# machine that could: an unreachable proxy makes torchvision's download fail at once.
+PROC_ENV = {**{k: v for k, v in os.environ.items() if k.lower() != "no_proxy"}, "OMP_NUM_THREADS": "1",
+            "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
+            "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_idx(path, array):
+    """The IDX format of the MNIST files: big-endian magic (2051 images, 2049 labels), dims, uint8 data."""
+    with open(path, "wb") as f:
+        f.write(struct.pack(">I", 2051 if array.ndim == 3 else 2049))
+        f.write(struct.pack(f">{array.ndim}I", *array.shape))
+        f.write(array.astype(np.uint8).tobytes())
+
+
+def synthetic_digits(n, rng):
+    """Class k is a bright square of side 4 + 2k somewhere on a noisy 28x28 canvas: learnable in a few steps."""
+    labels = rng.integers(0, 10, n)
+    images = rng.normal(0, 20, (n, 28, 28))
+    for image, k in zip(images, labels):
+        side = 4 + 2 * k
+        r, c = rng.integers(0, 28 - side + 1, 2)
+        image[r:r + side, c:c + side] += 255
+    return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in [("train", 300), ("t10k", 100)]:
+        images, labels = synthetic_digits(n, rng)
+        write_idx(raw / f"{split}-images-idx3-ubyte", images)
+        write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
+    return root
+
+
+def train_cmd(data_dir, out_dir, *extra):
+    return [sys.executable, str(REPO / "train.py"), *TINY, "--data-dir", str(data_dir),
+            "--out", str(out_dir / "m.pth"), "--log-dir", str(out_dir / "runs"), "--run-name", "tiny", *extra]
+
+
+def run_train(data_dir, out_dir, *extra):
+    return subprocess.run(train_cmd(data_dir, out_dir, *extra), capture_output=True, text=True, env=PROC_ENV,
+                          timeout=300)
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def scalars(run_dir):
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    """One uninterrupted run of EPOCHS epochs; tests that write copy its outputs first."""
+    out_dir = tmp_path_factory.mktemp("reference")
+    proc = run_train(data_dir, out_dir, "--epochs", str(EPOCHS))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out_dir, proc
+
+
+def test_end_to_end_outputs(reference):
+    out_dir, proc = reference
+    assert "Traceback" not in proc.stderr
+    assert [line.split(" |")[0] for line in proc.stdout.splitlines() if line.startswith("epoch ")] == \
+        [f"epoch {e}/{EPOCHS}" for e in range(1, EPOCHS + 1)]
+    assert "test: loss" in proc.stdout
+
+    best, last = load(out_dir / "m.pth"), load(out_dir / "m_last.pth")
+    for ckpt in (best, last):
+        assert {"model", "config", "args", "epoch", "metrics", "optimizer", "scheduler", "scaler", "rng",
+                "best_val_acc", "history", "dataset", "normalization"} <= set(ckpt)
+        assert ckpt["dataset"] == "mnist" and ckpt["normalization"] == {"mean": 0.1307, "std": 0.3081}
+        assert ckpt["config"]["d_model"] == 16 and ckpt["args"]["epochs"] == EPOCHS
+    assert last["epoch"] == EPOCHS and last["epoch_state"] is None
+    assert best["epoch"] == best["best_epoch"] == 1 + int(np.argmax(last["history"]["val_acc"]))
+    assert best["metrics"]["val_acc"] == best["best_val_acc"] == max(last["history"]["val_acc"])
+    assert 0 <= best["metrics"]["test_acc"] <= 1
+    history = last["history"]
+    assert all(len(history[k]) == EPOCHS for k in CURVES)
+    assert history["train_loss"][-1] < history["train_loss"][0]  # it learned something
+
+    # what test_model.py does: rebuild the model from the checkpoint alone
+    model = create_vision_mamba2_model(**best["config"])
+    model.load_state_dict(best["model"])
+    assert model.eval()(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+    assert (out_dir / "training_history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out_dir.glob("*.tmp"))
+
+    tb = scalars(out_dir / "runs" / "tiny")
+    for tag in ("loss/train", "loss/val", "accuracy/train", "accuracy/val", "lr", "images_per_sec"):
+        assert [step for step, _ in tb[tag]] == list(range(1, EPOCHS + 1)), tag
+    assert [v for _, v in tb["loss/val"]] == pytest.approx(history["val_loss"])
+    assert tb["test/accuracy"][-1][1] == pytest.approx(best["metrics"]["test_acc"])
+
+
+def test_resume_continues_epoch_count(reference, data_dir, tmp_path):
+    # also trains the resumed epoch from standard DataLoaders: the path for datasets that don't fit on the device
+    shutil.copytree(reference[0], tmp_path, dirs_exist_ok=True)
+    before = load(tmp_path / "m_last.pth")
+    proc = run_train(data_dir, tmp_path, "--resume", str(tmp_path / "m_last.pth"), "--epochs", str(EPOCHS + 1),
+                     "--no-data-on-device")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [line.split(" |")[0] for line in proc.stdout.splitlines() if line.startswith("epoch ")] == \
+        [f"epoch {EPOCHS + 1}/{EPOCHS + 1}"]
+    after = load(tmp_path / "m_last.pth")
+    assert after["epoch"] == EPOCHS + 1
+    assert after["history"]["train_loss"][:EPOCHS] == before["history"]["train_loss"]
+    tb = scalars(tmp_path / "runs" / "tiny")
+    assert [step for step, _ in tb["loss/train"]] == list(range(1, EPOCHS + 2))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process")
+def test_interrupt_saves_resumable_checkpoint_and_resume_is_exact(reference, data_dir, tmp_path):
+    # same command as the reference run, Ctrl-C'd during epoch 2, then resumed: the finished run must
+    # match the uninterrupted one number for number (same seed, same CPU)
+    proc = subprocess.Popen(train_cmd(data_dir, tmp_path, "--epochs", str(EPOCHS)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=PROC_ENV)
+    err = b""
+    while f"epoch 2/{EPOCHS}".encode() not in err:  # epoch 2's progress bar has appeared
+        chunk = os.read(proc.stderr.fileno(), 1 << 16)
+        assert chunk, f"train.py ended before epoch 2: {err[-2000:]}"
+        err += chunk
+    proc.send_signal(signal.SIGINT)
+    err = (err + proc.communicate(timeout=300)[1]).decode()
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "--resume" in err
+    interrupted = load(tmp_path / "m_last.pth")  # whole and loadable
+    assert interrupted["epoch"] == 1 and interrupted["epoch_state"]["step"] >= 1  # stopped inside epoch 2
+
+    proc = run_train(data_dir, tmp_path, "--resume", str(tmp_path / "m_last.pth"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    resumed, uninterrupted = load(tmp_path / "m_last.pth")["history"], load(reference[0] / "m_last.pth")["history"]
+    for key in CURVES:
+        assert resumed[key] == uninterrupted[key], key
+    assert load(tmp_path / "m.pth")["metrics"]["test_acc"] == load(reference[0] / "m.pth")["metrics"]["test_acc"]
+
+
+def run_main(argv):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([str(a) for a in argv])
+    return exit_info.value.code
+
+
+def test_same_seed_same_losses(data_dir, tmp_path):
+    histories = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert run_main([*TINY, "--data-dir", data_dir, "--out", out / "m.pth", "--log-dir", out / "runs",
+                         "--epochs", 2, "--max-train-samples", 96]) == 0
+        histories.append(load(out / "m_last.pth")["history"])
+    for key in CURVES:
+        assert histories[0][key] == histories[1][key], key
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
+    real_train_one_epoch = train.train_one_epoch
+
+    def poisoned(model, split, **kwargs):  # epoch 2 starts from NaN weights
+        if kwargs["epoch"] == 2:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+        return real_train_one_epoch(model, split, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", poisoned)
+    status = run_main([*TINY, "--data-dir", data_dir, "--out", tmp_path / "m.pth", "--log-dir", tmp_path / "runs",
+                       "--epochs", 2, "--max-train-samples", 64])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert err.strip().splitlines()[-1].startswith("error: the training loss became nan in epoch 2")
+    last = load(tmp_path / "m_last.pth")
+    assert last["epoch"] == 1 and all(torch.isfinite(t).all() for t in last["model"].values())
+    assert load(tmp_path / "m.pth")["epoch"] == 1
+
+
+def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "m.pth")
+    train.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
+
+    def dies_mid_write(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", dies_mid_write)
+    with pytest.raises(OSError):
+        train.save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    previous = load(path)
+    assert previous["epoch"] == 1 and torch.equal(previous["w"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["m.pth"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "0"], "--epochs: must be >= 1"),
+    (["--batch-size", "lots"], "--batch-size: expected an integer"),
+    (["--lr", "-1"], "--lr: must be in (0"),
+    (["--lr", "nan"], "--lr: must be in (0"),
+    (["--dropout", "1.5"], "--dropout: must be in [0, 1)"),
+    (["--dataset", "cifar10"], "--dataset: invalid choice"),
+    (["--device", "toaster"], "--device: not a torch device"),
+])
+def test_bad_flags_are_one_line_usage_errors(argv, message, capsys):
+    assert run_main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--headdim", "7"], "invalid model configuration: d_model*expand = 32 must be divisible by headdim = 7"),
+    (["--val-size", "300"], "--val-size 300 leaves no training images"),
+])
+def test_unusable_values_are_one_line_errors(argv, message, data_dir, tmp_path, capsys):
+    assert run_main([*TINY, "--data-dir", data_dir, "--out", tmp_path / "m.pth", "--log-dir", tmp_path, *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [err.strip()] and message in err
+
+
+def test_resume_keeps_hyperparameters(reference, data_dir, tmp_path, capsys):
+    argv = [*TINY, "--data-dir", data_dir, "--out", tmp_path / "m.pth", "--resume", reference[0] / "m_last.pth"]
+    assert run_main([*argv, "--weight-decay", "0.5"]) == 2
+    assert "--weight-decay 0.5 contradicts the checkpoint's 0.05" in capsys.readouterr().err
+
+
+def test_errors_in_a_real_process_have_no_traceback(data_dir, tmp_path):
+    bad = subprocess.run([sys.executable, str(REPO / "train.py"), "--epochs", "0"], capture_output=True, text=True,
+                         env=PROC_ENV, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+    # no data and no way to download it: say where the files must go
+    missing = run_train(tmp_path / "nowhere", tmp_path, "--epochs", "1")
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.count("\n") == 1
+    assert str(tmp_path / "nowhere" / "MNIST" / "raw") in missing.stderr
+    assert "train-images-idx3-ubyte" in missing.stderr
+
+
+def test_help_explains_every_flag(capsys):
+    assert run_main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for flag in ("--epochs", "--batch-size", "--lr", "--weight-decay", "--d-model", "--num-blocks", "--d-state",
+                 "--headdim", "--expand", "--scan", "--dropout", "--dataset", "--data-dir", "--device", "--backend",
+                 "--seed", "--out", "--log-dir", "--resume", "--max-train-samples", "--amp", "--compile",
+                 "--num-workers", "--val-size", "--patience", "--label-smoothing", "--aug-translate"):
+        assert flag in text, flag

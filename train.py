@@ -1,0 +1,744 @@
+"""
+Train Vision Mamba 2 on MNIST (or Fashion-MNIST).
+
+    python train.py                                   # the default recipe, aimed at >= 99.6% MNIST test accuracy
+    python train.py --dataset fashion-mnist --epochs 30
+    python train.py --resume vision_mamba2_mnist_last.pth   # after Ctrl-C or a crash: carries on exactly
+
+The whole dataset split lives on the device as one uint8 tensor; shuffling, batching and augmentation
+(a random affine warp via affine_grid + grid_sample) happen there, so the hot loop never touches PIL or
+a DataLoader. --no-data-on-device trains from the standard DataLoaders of get_mnist_dataloaders instead,
+for datasets that don't fit. Model selection and early stopping look at a validation split carved from
+the training set; the test set is evaluated once, at the end.
+
+Outputs: the best-on-validation checkpoint (--out), a resumable last checkpoint next to it (*_last.pth),
+training_history.png next to it, and TensorBoard logs in <--log-dir>/<run-name>/.
+"""
+
+import argparse
+import ctypes
+import dataclasses
+import itertools
+import math
+import os
+import random
+import signal
+import sys
+import time
+import traceback
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: we only ever write PNG files
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from matplotlib.ticker import MaxNLocator
+from torch.utils.data import DataLoader, Subset
+from torch.utils.tensorboard import SummaryWriter
+from torchvision import datasets, transforms
+from tqdm import tqdm
+
+from vision_mamba2 import BACKENDS, SCANS, VisionMamba2Config, create_vision_mamba2_model, resolve_backend
+
+
+class UsageError(Exception):
+    """A flag, checkpoint or dataset we cannot use: exit status 2."""
+
+
+class TrainingError(Exception):
+    """The run cannot go on (NaN loss, out of memory): exit status 1."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+def int_at_least(lo):
+    def parse(s):
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        return v
+    return parse
+
+
+def float_in(lo, hi=math.inf, *, lo_open=False, hi_open=False):
+    def parse(s):
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+        too_low = v <= lo if lo_open else v < lo
+        too_high = v >= hi if hi_open else v > hi
+        if not math.isfinite(v) or too_low or too_high:
+            raise argparse.ArgumentTypeError(
+                f"must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}, got {s}")
+        return v
+    return parse
+
+
+def device_name(s):
+    if s == "auto":
+        return s
+    try:
+        torch.device(s)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a torch device: {s!r} (try auto, cpu, cuda, cuda:1, mps)") from None
+    return s
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # a help that states its own default keeps its wording
+        return action.help if "(default:" in action.help else super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # argparse would print the whole usage block first; one line is easier to read (and to grep)
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser():
+    model_defaults = VisionMamba2Config()  # the architecture's defaults live in vision_mamba2.py
+    p = Parser(
+        prog="train.py", formatter_class=HelpFormatter,
+        description="Train Vision Mamba 2 on MNIST / Fashion-MNIST. The defaults are the recipe aimed at >= 99.6% "
+                    "MNIST test accuracy: a ~484K-parameter model (4 bidirectional Mamba-2 blocks of width 128), "
+                    "10 epochs of AdamW with linear warmup + cosine decay, label smoothing and a mild random "
+                    "affine augmentation (MNIST digits are centred, so small shifts/rotations/zooms are what "
+                    "the test set varies by). Keep them for MNIST; Fashion-MNIST wants more epochs.",
+        epilog="--resume takes every flag not given from the checkpoint. Hyperparameters given must agree with "
+               "it; only --epochs, --patience and the runtime flags (device, paths, workers, amp, compile) "
+               "may differ.")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=list(DATASETS), default="mnist",
+                   help="which torchvision dataset; both have 10 classes of 28x28 grey images")
+    g.add_argument("--data-dir", default="./data",
+                   help="torchvision root: files are read from (or downloaded to) <data-dir>/MNIST/raw/ "
+                        "or <data-dir>/FashionMNIST/raw/")
+    g.add_argument("--val-size", type=int_at_least(1), default=5000,
+                   help="images held out of the training set for validation (fixed by --seed); model "
+                        "selection and early stopping look only at these")
+    g.add_argument("--max-train-samples", type=int_at_least(1), default=None,
+                   help="train on only this many images of the training split, for quick runs (default: all)")
+    g.add_argument("--data-on-device", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep each split on the device as one tensor (fast); --no-data-on-device streams "
+                        "batches from DataLoaders instead, for datasets that don't fit in device memory")
+    g.add_argument("--num-workers", type=int_at_least(0), default=0,
+                   help="DataLoader worker processes (used with --no-data-on-device)")
+
+    g = p.add_argument_group("augmentation (random affine warp of each training image, on the device; 0 = off)")
+    g.add_argument("--aug-translate", type=float_in(0, 14), default=2.0,
+                   help="maximum shift in pixels: digits are centred by their centre of mass, so a couple of "
+                        "pixels covers how far test digits stray")
+    g.add_argument("--aug-rotate", type=float_in(0, 180), default=10.0,
+                   help="maximum rotation in degrees; keep it small, or 6 and 9 become the same digit")
+    g.add_argument("--aug-scale", type=float_in(0, 1, hi_open=True), default=0.1,
+                   help="maximum zoom in or out, as a fraction: handwriting sizes vary by about that")
+
+    g = p.add_argument_group("model (see vision_mamba2.py)")
+    g.add_argument("--d-model", type=int_at_least(1), default=model_defaults.d_model,
+                   help="channels of the token grid; 128 is enough capacity for MNIST at ~484K parameters")
+    g.add_argument("--num-blocks", type=int_at_least(1), default=model_defaults.num_blocks,
+                   help="Mamba-2 blocks; 4 gives every token several passes over the whole image")
+    g.add_argument("--d-state", type=int_at_least(1), default=model_defaults.d_state,
+                   help="SSM state size per head: how much each scan remembers of the image read so far")
+    g.add_argument("--headdim", type=int_at_least(1), default=model_defaults.headdim,
+                   help="channels per SSM head; d-model*expand must be divisible by it")
+    g.add_argument("--expand", type=int_at_least(1), default=model_defaults.expand,
+                   help="inner width of the Mamba-2 mixer as a multiple of d-model (2, as in Mamba)")
+    g.add_argument("--scan", choices=list(SCANS), default=model_defaults.scan,
+                   help="directions each block reads the 14x14 token grid in: uni (1), bi (2, forward and "
+                        "backward, so every token sees the whole image), cross (4, rows and columns)")
+    g.add_argument("--dropout", type=float_in(0, 1, hi_open=True), default=model_defaults.dropout,
+                   help="dropout in the classifier head")
+    g.add_argument("--backend", choices=list(BACKENDS), default=model_defaults.backend,
+                   help="Mamba-2 implementation: official (mamba-ssm CUDA kernels), portable (pure PyTorch), "
+                        "auto (official when on CUDA with mamba-ssm installed)")
+
+    g = p.add_argument_group("optimization")
+    g.add_argument("--epochs", type=int_at_least(1), default=10,
+                   help="passes over the training split; the cosine schedule spans all of them")
+    g.add_argument("--batch-size", type=int_at_least(1), default=128,
+                   help="images per step (evaluation uses twice as many); lower it if you run out of memory")
+    g.add_argument("--lr", type=float_in(0, lo_open=True), default=2e-3,
+                   help="peak AdamW learning rate, reached after the warmup")
+    g.add_argument("--weight-decay", type=float_in(0), default=0.05,
+                   help="AdamW weight decay on weight matrices only (not on biases, norms, position "
+                        "embeddings or the SSM's A_log/D/dt_bias)")
+    g.add_argument("--warmup-epochs", type=float_in(0), default=1.0,
+                   help="linear learning-rate warmup from ~0 to --lr, then cosine decay to 0")
+    g.add_argument("--label-smoothing", type=float_in(0, 1, hi_open=True), default=0.1,
+                   help="cross-entropy label smoothing; reported losses include it")
+    g.add_argument("--grad-clip", type=float_in(0), default=1.0,
+                   help="clip the global gradient norm to this (0 = off)")
+    g.add_argument("--patience", type=int_at_least(0), default=5,
+                   help="stop early after this many epochs without a better validation accuracy (0 = never)")
+    g.add_argument("--seed", type=int_at_least(0), default=0,
+                   help="seeds initialisation, the validation split, shuffling, augmentation and dropout: the same "
+                        "seed on the same CPU gives the same losses, step for step")
+
+    g = p.add_argument_group("runtime and output")
+    g.add_argument("--device", type=device_name, default="auto",
+                   help="auto picks cuda, then mps, then cpu")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="mixed precision (bf16 autocast; fp16 with loss scaling on GPUs without bf16) "
+                        "(default: on for CUDA, off elsewhere)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
+    g.add_argument("--out", default="vision_mamba2_mnist.pth",
+                   help="best-on-validation checkpoint; the last checkpoint (*_last.pth) and "
+                        "training_history.png go next to it")
+    g.add_argument("--log-dir", default="runs", help="TensorBoard logs go to <log-dir>/<run-name>/")
+    g.add_argument("--run-name", default=None,
+                   help="TensorBoard run name (default: <dataset>-<date>-<time>, or the resumed run's)")
+    g.add_argument("--resume", metavar="PATH", default=None,
+                   help="continue the run saved in this checkpoint (usually the *_last.pth one), same epoch "
+                        "numbering and learning-rate schedule (default: start a new run)")
+    g.add_argument("--log-interval", type=int_at_least(1), default=25,
+                   help="steps between progress-bar updates (and NaN checks): each costs one device sync")
+    return p
+
+
+def given_flags(parser, argv):
+    """The flags on the command line, as dests (argparse fills in defaults only for attributes not yet set)."""
+    unset = object()
+    namespace = argparse.Namespace(**dict.fromkeys(vars(parser.parse_args([])), unset))
+    return {key for key, value in vars(parser.parse_args(argv, namespace)).items() if value is not unset}
+
+
+# what a resumed run may change; the other flags must agree with the checkpoint
+RESUME_MAY_CHANGE = {"epochs", "patience", "device", "amp", "compile", "data_dir", "data_on_device", "num_workers",
+                     "out", "log_dir", "run_name", "resume", "log_interval"}
+
+
+def merge_resume_args(args, saved, given):
+    """A resumed run is the saved run: every flag not on the command line comes from the checkpoint."""
+    for key, value in saved.items():
+        if key not in given:
+            setattr(args, key, value)
+        elif key not in RESUME_MAY_CHANGE and getattr(args, key) != value:
+            flags = ", ".join(sorted(RESUME_MAY_CHANGE))
+            raise UsageError(f"--{key.replace('_', '-')} {getattr(args, key)} contradicts the checkpoint's {value}: "
+                             f"a resumed run keeps its hyperparameters (only {flags} may change)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+
+# name -> (torchvision dataset class, mean, std of its training pixels in [0, 1])
+DATASETS = {
+    "mnist": (datasets.MNIST, 0.1307, 0.3081),
+    "fashion-mnist": (datasets.FashionMNIST, 0.2860, 0.3530),
+}
+
+
+def load_datasets(name, data_dir, transform):
+    cls = DATASETS[name][0]
+    try:
+        return (cls(data_dir, train=True, transform=transform, download=True),
+                cls(data_dir, train=False, transform=transform, download=True))
+    except (RuntimeError, OSError) as e:  # torchvision's "Error downloading ..." when offline
+        raw = os.path.join(data_dir, cls.__name__, "raw")
+        files = ", ".join(f for f, _ in cls.resources)
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise UsageError(f"{name} is not in {data_dir!r} and downloading it failed ({reason}): put {files} "
+                         f"(or the same files unpacked) in {raw}{os.sep} (torchvision's layout), or run once "
+                         f"with internet access") from None
+
+
+def get_mnist_dataloaders(*, dataset="mnist", data_dir="./data", batch_size=128, val_size=5000,
+                          max_train_samples=None, seed=0, num_workers=0):
+    """Train / validation / test DataLoaders of normalized (B, 1, 28, 28) images and their labels.
+
+    The one place to swap in another dataset (together with DATASETS above): the fast on-device path
+    builds its tensors from the torchvision datasets behind these loaders (their .data / .targets).
+    The validation split is drawn from the training set by `seed`; the test set is never shuffled.
+    """
+    _, mean, std = DATASETS[dataset]
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
+    train_full, test = load_datasets(dataset, data_dir, tf)
+    if val_size >= len(train_full):
+        raise UsageError(f"--val-size {val_size} leaves no training images: the training set has {len(train_full)}")
+    perm = torch.randperm(len(train_full), generator=torch.Generator().manual_seed(seed)).tolist()
+    val_idx, train_idx = perm[:val_size], perm[val_size:][:max_train_samples]
+
+    def loader(ds, shuffle, bs):
+        return DataLoader(ds, batch_size=bs, shuffle=shuffle, num_workers=num_workers,
+                          generator=torch.Generator() if shuffle else None,  # re-seeded each epoch
+                          persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+    return (loader(Subset(train_full, train_idx), True, batch_size),
+            loader(Subset(train_full, val_idx), False, 2 * batch_size),
+            loader(test, False, 2 * batch_size))
+
+
+class DeviceSplit:
+    """A loader's images as one uint8 tensor on the device; batches are slices of it, normalized on the fly."""
+
+    def __init__(self, loader, device, mean, std):
+        ds = loader.dataset
+        if isinstance(ds, Subset):
+            idx = torch.as_tensor(ds.indices)
+            images, labels = ds.dataset.data[idx], torch.as_tensor(ds.dataset.targets)[idx]
+        else:
+            images, labels = ds.data, ds.targets
+        self.device = device
+        self.images = images.unsqueeze(1).to(device)  # (N, 1, H, W) uint8: 47 MB for all of MNIST
+        self.labels = torch.as_tensor(labels).to(device)  # (N,)
+        self.batch_size, self.mean, self.std = loader.batch_size, mean, std
+        self.num_samples = len(self.labels)
+        self.num_batches = math.ceil(self.num_samples / self.batch_size)
+
+    def batches(self, generator=None, start=0):
+        """Iterator over (x, y) from batch `start` on, shuffled by `generator` (drawn now) if given."""
+        order = None if generator is None else torch.randperm(
+            self.num_samples, generator=generator, device=self.device)
+        return self._iterate(order, start)
+
+    def _iterate(self, order, start):
+        for i in range(start * self.batch_size, self.num_samples, self.batch_size):
+            idx = slice(i, i + self.batch_size) if order is None else order[i:i + self.batch_size]
+            x = self.images[idx].float().div_(255).sub_(self.mean).div_(self.std)  # as ToTensor + Normalize
+            yield x, self.labels[idx]
+
+
+class LoaderSplit:
+    """The same interface over a DataLoader, for data that stays on the host."""
+
+    def __init__(self, loader, device):
+        self.loader, self.device = loader, device
+        self.num_samples, self.num_batches = len(loader.dataset), len(loader)
+
+    def batches(self, generator=None, start=0):
+        if generator is not None:  # the sampler's shuffle follows the epoch's generator too
+            self.loader.generator.manual_seed(
+                int(torch.randint(2**62, (), generator=generator, device=generator.device)))
+        return ((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+                for x, y in itertools.islice(self.loader, start, None))
+
+
+def random_affine(x, generator, *, translate, rotate, scale, fill):
+    """Randomly shift (pixels), rotate (degrees) and zoom (fraction) each image of a batch, on its device."""
+    # x : (B, C, H, W) normalized; fill: the normalized value of a black pixel
+    B, _, H, W = x.shape
+    u = torch.rand(B, 4, generator=generator, device=x.device) * 2 - 1  # (B, 4) uniform in [-1, 1)
+    angle = u[:, 0] * math.radians(rotate)
+    zoom = 1 + u[:, 1] * scale
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    tx, ty = u[:, 2] * (2 * translate / W), u[:, 3] * (2 * translate / H)  # pixels -> grid units ([-1, 1] spans W)
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)  # (B, 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    # grid_sample pads with zeros: shift so the padding is black, not the mean grey
+    return F.grid_sample(x - fill, grid, align_corners=False) + fill
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model, optimizer, schedule
+
+def resolve_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA GPU is available (use --device auto or cpu)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS is not available (use --device auto or cpu)")
+    return device
+
+
+def build_optimizer(model, args, device):
+    # as Mamba and most vision transformers: no decay on biases, norms, embeddings or the SSM's A_log/D/dt_bias
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda")
+
+
+def warmup_cosine(warmup_steps, total_steps):
+    """LambdaLR factor: linear warmup to 1, then cosine decay to 0 at total_steps."""
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return factor
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: written atomically, read with weights_only=True (so only tensors and plain Python inside)
+
+def atomic_write(path, write):
+    """write(file) into path.tmp, then os.replace: path is always the old file or the new one, never half."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_checkpoint(checkpoint, path):
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"--resume {path}: no such file") from None
+    except Exception as e:
+        raise UsageError(f"--resume {path}: not a readable checkpoint ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+
+
+def get_rng_state():
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None,
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
+                      "gauss": gauss},
+            "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss}}
+
+
+def set_rng_state(rng):
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"][:torch.cuda.device_count()])
+    if rng["mps"] is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(rng["mps"])
+    n = rng["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = rng["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+
+class GracefulInterrupt:
+    """The first Ctrl-C asks the loop to stop after the current step (then a checkpoint is saved);
+    a second one raises KeyboardInterrupt at once."""
+
+    def __enter__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def train_one_epoch(model, split, *, optimizer, scheduler, scaler, criterion, autocast, args, epoch, stop,
+                    resume=None):
+    """One pass over the training split, from step resume["step"] if given.
+
+    Returns (metrics, None) when the epoch completes, or (None, state) when Ctrl-C stopped it: the
+    state resumes this epoch at the next step. The epoch's shuffle and augmentation come from one
+    generator seeded by (seed, epoch), which is what makes a resumed epoch replay exactly.
+    """
+    device = split.device
+    generator = torch.Generator(device=device).manual_seed(args.seed * 100_003 + epoch)
+    start = resume["step"] if resume else 0
+    batches = split.batches(generator, start)  # draws this epoch's order from the fresh generator
+    if resume:
+        generator.set_state(resume["generator"])  # then carry on with the augmentation draws
+
+    _, mean, std = DATASETS[args.dataset]
+    augment = args.aug_translate > 0 or args.aug_rotate > 0 or args.aug_scale > 0
+    # running sums stay on the device: reading them is a host sync, done only every log_interval steps
+    loss_sum = torch.tensor(resume["loss_sum"] if resume else 0.0, device=device)
+    correct = torch.tensor(resume["correct"] if resume else 0, device=device)
+    seen = resume["seen"] if resume else 0
+    elapsed = resume["elapsed"] if resume else 0.0
+    seen_before, t0 = seen, time.perf_counter()
+
+    def check_loss():
+        loss = loss_sum.item() / max(seen, 1)
+        if not math.isfinite(loss):
+            raise TrainingError(f"the training loss became {loss} in epoch {epoch}: stopping; the checkpoints "
+                                f"from before are kept (try a lower --lr)")
+        return loss
+
+    model.train()
+    bar = tqdm(batches, total=split.num_batches, initial=start, desc=f"epoch {epoch}/{args.epochs}",
+               unit="batch", leave=False, dynamic_ncols=True)
+    for step, (x, y) in enumerate(bar, start):
+        # x : (B, 1, 28, 28), y : (B,)
+        if augment:
+            x = random_affine(x, generator, translate=args.aug_translate, rotate=args.aug_rotate,
+                              scale=args.aug_scale, fill=-mean / std)
+        with autocast():
+            logits = model(x)  # (B, 10)
+        loss = criterion(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if args.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.argmax(dim=1) == y).sum()
+        seen += len(y)
+        if (step + 1) % args.log_interval == 0:
+            rate = (seen - seen_before) / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{check_loss():.4f}", acc=f"{correct.item() / seen:.2%}", img_s=f"{rate:,.0f}")
+        if stop.requested and step + 1 < split.num_batches:
+            bar.close()
+            check_loss()  # never save a state whose loss went NaN
+            return None, {"step": step + 1, "generator": generator.get_state(), "loss_sum": loss_sum.item(),
+                          "correct": correct.item(), "seen": seen,
+                          "elapsed": elapsed + time.perf_counter() - t0}
+    bar.close()
+    train_loss = check_loss()  # also waits for the device, so the timing below is honest
+    elapsed += time.perf_counter() - t0
+    return {"train_loss": train_loss, "train_acc": correct.item() / seen,
+            "images_per_sec": seen / elapsed if elapsed > 0 else 0.0}, None
+
+
+@torch.no_grad()
+def evaluate(model, split, criterion, autocast, desc):
+    """(mean loss, accuracy) over a whole split."""
+    model.eval()
+    loss_sum = torch.zeros((), device=next(model.parameters()).device)
+    correct = torch.zeros((), dtype=torch.long, device=loss_sum.device)
+    for x, y in tqdm(split.batches(), total=split.num_batches, desc=desc, unit="batch", leave=False,
+                     dynamic_ncols=True):
+        with autocast():
+            logits = model(x)
+        loss_sum += criterion(logits.float(), y) * len(y)
+        correct += (logits.argmax(dim=1) == y).sum()
+    return loss_sum.item() / split.num_samples, correct.item() / split.num_samples
+
+
+def plot_history(history, path):
+    epochs = range(1, len(history["train_loss"]) + 1)
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, scale, title in [(ax_loss, "loss", 1, "loss (with label smoothing)"),
+                                  (ax_acc, "acc", 100, "accuracy (%)")]:
+        ax.plot(epochs, [scale * v for v in history[f"train_{key}"]], "o-", label="train (augmented)")
+        ax.plot(epochs, [scale * v for v in history[f"val_{key}"]], "o-", label="validation")
+        ax.set(xlabel="epoch", title=title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+
+
+def train(args, given):
+    """The whole run; returns the exit status (0, or 130 after Ctrl-C). `given`: the flags on the command line."""
+    resume = load_checkpoint(args.resume) if args.resume else None
+    if resume:
+        merge_resume_args(args, resume["args"], given)
+    args.run_name = args.run_name or f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    device = resolve_device(args.device)
+    use_amp = device.type == "cuda" if args.amp is None else args.amp
+    try:
+        backend = resolve_backend(args.backend, device)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(f"--backend {args.backend}: {e}") from None
+    root, ext = os.path.splitext(args.out)
+    last_path = f"{root}_last{ext or '.pth'}"
+    plot_path = os.path.join(os.path.dirname(args.out), "training_history.png")
+
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    random.seed(args.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # for --no-amp on Ampere+; CPU math stays exact fp32
+
+    # data
+    _, mean, std = DATASETS[args.dataset]
+    loaders = get_mnist_dataloaders(dataset=args.dataset, data_dir=args.data_dir, batch_size=args.batch_size,
+                                    val_size=args.val_size, max_train_samples=args.max_train_samples,
+                                    seed=args.seed, num_workers=args.num_workers)
+    if args.data_on_device:
+        try:
+            train_split, val_split, test_split = (DeviceSplit(dl, device, mean, std) for dl in loaders)
+        except torch.OutOfMemoryError:
+            raise TrainingError(f"the dataset does not fit on {device}: use --no-data-on-device") from None
+    else:
+        train_split, val_split, test_split = (LoaderSplit(dl, device) for dl in loaders)
+    image_shape = tuple(loaders[0].dataset[0][0].shape)  # (C, H, W)
+
+    # model: the architecture flags, plus what the data dictates
+    try:
+        raw_model = create_vision_mamba2_model(
+            img_size=image_shape[-1], in_chans=image_shape[0], num_classes=len(loaders[2].dataset.classes),
+            d_model=args.d_model, num_blocks=args.num_blocks, d_state=args.d_state, headdim=args.headdim,
+            expand=args.expand, scan=args.scan, dropout=args.dropout, backend=args.backend).to(device)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(f"invalid model configuration: {e}") from None
+    model = torch.compile(raw_model) if args.compile else raw_model
+
+    # optimization: AdamW, per-step warmup + cosine; loss scaling only for fp16 (bf16 needs none)
+    optimizer = build_optimizer(raw_model, args, device)
+    steps_per_epoch = train_split.num_batches
+    total_steps = args.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(min(round(args.warmup_epochs * steps_per_epoch), total_steps), total_steps))
+    amp_dtype = torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp)
+
+    history = {k: [] for k in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_sec")}
+    start_epoch, best_val_acc, best_epoch, metrics, epoch_state = 0, -1.0, 0, {}, None
+    if resume:
+        raw_model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        if resume["scaler"]:
+            scaler.load_state_dict(resume["scaler"])
+        set_rng_state(resume["rng"])
+        history, metrics, epoch_state = resume["history"], resume["metrics"], resume["epoch_state"]
+        start_epoch, best_val_acc, best_epoch = resume["epoch"], resume["best_val_acc"], resume["best_epoch"]
+
+    def checkpoint(epoch, state=None):
+        return {"model": raw_model.state_dict(), "config": dataclasses.asdict(raw_model.config),
+                "args": dict(vars(args)), "dataset": args.dataset, "normalization": {"mean": mean, "std": std},
+                "epoch": epoch, "metrics": dict(metrics), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": get_rng_state(),
+                "best_val_acc": best_val_acc, "best_epoch": best_epoch, "history": history, "epoch_state": state}
+
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    print(f"{args.dataset}: {train_split.num_samples:,} train / {val_split.num_samples:,} validation / "
+          f"{test_split.num_samples:,} test images, {'on ' + str(device) if args.data_on_device else 'DataLoaders'}")
+    print(f"model: {n_params:,} parameters, backend {backend}, device {device}, "
+          f"amp {str(amp_dtype).removeprefix('torch.') if use_amp else 'off'}{', compiled' if args.compile else ''}")
+    if resume:
+        at = f"epoch {start_epoch}" + (f", step {epoch_state['step']} of the next" if epoch_state else "")
+        print(f"resuming {args.resume} after {at} (best validation accuracy so far {best_val_acc:.2%})")
+    writer = SummaryWriter(os.path.join(args.log_dir, args.run_name), purge_step=start_epoch + 1 if resume else None)
+    print(f"TensorBoard: tensorboard --logdir {args.log_dir}   (run {args.run_name})")
+    resume_hint = f"continue with: python train.py --resume {last_path}"
+
+    with writer:
+        try:
+            with GracefulInterrupt() as stop:
+                for epoch in range(start_epoch + 1, args.epochs + 1):
+                    if args.patience and epoch - 1 - best_epoch >= args.patience:
+                        print(f"early stop: no better validation accuracy for {args.patience} epochs")
+                        break
+                    train_metrics, epoch_state = train_one_epoch(
+                        model, train_split, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                        criterion=criterion, autocast=autocast, args=args, epoch=epoch, stop=stop, resume=epoch_state)
+                    if epoch_state:
+                        save_checkpoint(checkpoint(epoch - 1, epoch_state), last_path)
+                        print(f"interrupted in epoch {epoch} at step {epoch_state['step']}/{steps_per_epoch}: saved "
+                              f"{last_path}; {resume_hint}", file=sys.stderr)
+                        return 130
+                    val_loss, val_acc = evaluate(model, val_split, criterion, autocast, "validation")
+                    if not math.isfinite(val_loss):
+                        raise TrainingError(f"the validation loss became {val_loss} in epoch {epoch}: stopping; "
+                                            f"the checkpoints from before are kept (try a lower --lr)")
+                    metrics = {**train_metrics, "val_loss": val_loss, "val_acc": val_acc,
+                               "lr": optimizer.param_groups[0]["lr"]}
+                    for key in history:
+                        history[key].append(metrics[key])
+                    # "loss/..." and "accuracy/..." put train and validation side by side in TensorBoard
+                    for name, value in [("loss/train", metrics["train_loss"]), ("loss/val", val_loss),
+                                        ("accuracy/train", metrics["train_acc"]), ("accuracy/val", val_acc),
+                                        ("lr", metrics["lr"]), ("images_per_sec", metrics["images_per_sec"])]:
+                        writer.add_scalar(name, value, epoch)
+                    writer.flush()
+
+                    improved = val_acc > best_val_acc
+                    if improved:
+                        best_val_acc, best_epoch = val_acc, epoch
+                        save_checkpoint(checkpoint(epoch), args.out)
+                    save_checkpoint(checkpoint(epoch), last_path)
+                    plot_history(history, plot_path)
+                    print(f"epoch {epoch}/{args.epochs} | train loss {metrics['train_loss']:.4f} acc "
+                          f"{metrics['train_acc']:.2%} | val loss {val_loss:.4f} acc {val_acc:.2%} | lr "
+                          f"{metrics['lr']:.2e} | {metrics['images_per_sec']:,.0f} img/s"
+                          f"{' | best' if improved else ''}")
+                    if stop.requested:  # Ctrl-C at the very end of the epoch: it is saved whole
+                        print(f"interrupted after epoch {epoch}: saved {last_path}; {resume_hint}", file=sys.stderr)
+                        return 130
+        except torch.OutOfMemoryError:
+            raise TrainingError(f"out of memory on {device}: lower --batch-size (now {args.batch_size}), or "
+                                f"--d-model / --num-blocks, or turn on --amp") from None
+
+        # the test set, once, with the weights that were best on validation
+        if not os.path.exists(args.out):
+            raise UsageError(f"no best checkpoint at {args.out}: pass the --out of the run being resumed")
+        best = torch.load(args.out, map_location="cpu", weights_only=True)
+        raw_model.load_state_dict(best["model"])
+        test_loss, test_acc = evaluate(model, test_split, criterion, autocast, "test")
+        best["metrics"].update(test_loss=test_loss, test_acc=test_acc)
+        save_checkpoint(best, args.out)
+        hparams = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in vars(args).items()}
+        writer.add_hparams({**hparams, "parameters": n_params},
+                           {"test/accuracy": test_acc, "test/loss": test_loss, "val/best_accuracy": best_val_acc},
+                           run_name=".", global_step=len(history["val_acc"]))  # ".": this run, beside its curves
+    print(f"test: loss {test_loss:.4f} acc {test_acc:.2%} with the weights of epoch {best_epoch} "
+          f"(validation acc {best_val_acc:.2%}) -> {args.out}, {last_path}, {plot_path}")
+    return 0
+
+
+def keep_freed_memory_in_process():
+    """glibc returns every freed block over 32 MB to the OS, so each large activation of the next step is
+    page-faulted in again (measured: 4.4 million faults, over half the time of a CPU step at batch 128).
+    Raising the mmap and trim thresholds keeps freed memory for reuse: 2x faster CPU training."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+        except OSError:  # not glibc (e.g. musl): nothing to tune
+            return
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        for option in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD):
+            libc.mallopt(option, 2**31 - 1)
+
+
+def main(argv=None):
+    keep_freed_memory_in_process()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    def fail(message, status):
+        print(f"error: {' '.join(str(message).split())}", file=sys.stderr)  # one line, however long
+        return status
+    try:
+        status = train(args, given_flags(parser, argv))
+    except UsageError as e:
+        status = fail(e, 2)
+    except TrainingError as e:
+        status = fail(e, 1)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training began: checkpoints are whole anyway
+        status = fail("interrupted", 130)
+    except Exception as e:  # a bug: still one line, with where it happened
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        status = fail(f"{type(e).__name__} at {os.path.basename(where.filename)}:{where.lineno}: {e}", 1)
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()

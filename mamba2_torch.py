@@ -62,21 +62,24 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
     c = math.ceil(l / chunk_size)
     q = math.ceil(l / c)
     pad = c * q - l
-    # head-major layout, so every product below is a batched matmul over (b, g, r, c)
-    xdt = rearrange(F.pad(x * dt[..., None], (0, 0, 0, 0, 0, pad)), "b (c s) (g r) p -> b g r c s p", s=q, g=g)
-    Bc, Cc = (rearrange(F.pad(t, (0, 0, 0, 0, 0, pad)), "b (c s) g n -> b g 1 c s n", s=q) for t in (B, C))
-    dA = rearrange(F.pad(dt * A, (0, 0, 0, pad)), "b (c s) (g r) -> b g r c s", s=q, g=g)  # r: heads per group
+    # Heads of a group share B and C: where only B or C meets x, the group's heads (r) and headdim (p)
+    # fold into one matmul dimension; only the intra-chunk mixing needs each head's own decay matrix.
+    xdt = rearrange(F.pad(x * dt[..., None], (0, 0, 0, 0, 0, pad)), "b (c s) (g r) p -> b g c s r p", s=q, g=g)
+    Bc, Cc = (rearrange(F.pad(t, (0, 0, 0, 0, 0, pad)), "b (c s) g n -> b g c s n", s=q) for t in (B, C))
+    dA = rearrange(F.pad(dt * A, (0, 0, 0, pad)), "b (c s) (g r) -> b g r c s", s=q, g=g)
     dA_cs = torch.cumsum(dA, dim=-1)  # (b, g, r, c, s)
 
     # 1. Intra-chunk output (diagonal blocks): y = (C B^T o L) (x dt), L = exp(segsum(dA))
-    CB = Cc @ Bc.transpose(-1, -2)  # (b, g, 1, c, t, s), shared by the group's heads
-    y_diag = (CB * torch.exp(segsum(dA))) @ xdt  # (b, g, r, c, t, p)
+    CB = Cc @ Bc.transpose(-1, -2)  # (b, g, c, t, s)
+    scores = CB[:, :, None] * torch.exp(segsum(dA))  # (b, g, r, c, t, s)
+    y_diag = scores @ rearrange(xdt, "b g c s r p -> b g r c s p")  # (b, g, r, c, t, p)
 
     # 2. Each chunk's final state from its own inputs (right factor of the off-diagonal blocks)
-    decay_states = torch.exp(dA_cs[..., -1:] - dA_cs)  # (b, g, r, c, s)
-    states = (xdt * decay_states[..., None]).transpose(-1, -2) @ Bc  # (b, g, r, c, p, n)
+    decay_states = rearrange(torch.exp(dA_cs[..., -1:] - dA_cs), "b g r c s -> b g c s r 1")
+    states = rearrange(xdt * decay_states, "b g c s r p -> b g c (r p) s") @ Bc[:, :, :]  # (b, g, c, rp, n)
 
     # 3. Inter-chunk recurrence: the true state at every chunk boundary (middle factor)
+    states = rearrange(states, "b g c (r p) n -> b g r c p n", p=p)
     if initial_states is None:
         init = torch.zeros_like(states[:, :, :, :1])
     else:
@@ -87,7 +90,8 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
     states, final_states = states[:, :, :, :-1], states[:, :, :, -1]
 
     # 4. State -> output inside each chunk (left factor)
-    y_off = (Cc @ states.transpose(-1, -2)) * torch.exp(dA_cs)[..., None]  # (b, g, r, c, t, p)
+    y_off = Cc @ rearrange(states, "b g r c p n -> b g c n (r p)")  # (b, g, c, t, rp)
+    y_off = rearrange(y_off, "b g c t (r p) -> b g r c t p", p=p) * torch.exp(dA_cs)[..., None]
 
     y = rearrange(y_diag + y_off, "b g r c t p -> b (c t) (g r) p")[:, :l]
     if D is not None:

@@ -2,6 +2,7 @@
 Benchmarks that print a markdown table (speed claims live here, never in timed tests).
 
     python bench.py ssd            # our SSD vs mamba_ssm's ssd_minimal_discrete and sequential scan, CPU
+    python bench.py train --data-dir ../shared/data   # train.py's input pipeline and step vs a per-sample DataLoader
 
 Each row: forward + backward time, median of several repeats after a warm-up, all measured in this
 one process, with ratios against our SSD. Shapes are those of the default model's mixer: d_model 128,
@@ -17,6 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 from mamba2_torch import mamba_chunk_scan_combined
+import train
 from train import keep_freed_memory_in_process
 
 
@@ -95,16 +97,89 @@ def bench_ssd(args):
     return rows
 
 
+def bench_train(args):
+    """train.py's on-device pipeline vs the per-sample DataLoader of typical MNIST scripts (batch 32,
+    ToTensor + Normalize in the loader): the pipeline alone, then whole training steps of the default model."""
+    device = train.resolve_device(args.device)
+    loaders = train.get_mnist_dataloaders(data_dir=args.data_dir, batch_size=128)
+    _, mean, std = train.DATASETS["mnist"]
+    ours = train.DeviceSplit(loaders[0], device, mean, std)
+    typical = torch.utils.data.DataLoader(loaders[0].dataset, batch_size=32, shuffle=True)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def our_batches():
+        for x, y in ours.batches(gen):
+            yield train.random_affine(x, gen, translate=2.0, rotate=10.0, scale=0.1, fill=-mean / std), y
+
+    def our_plain_batches():
+        return ours.batches(gen)
+
+    def typical_batches():
+        for x, y in typical:
+            yield x.to(device), y.to(device)
+
+    def rate(batches, images, step=None):
+        """images/s over the first `images` images (after one warm-up batch)."""
+        it = batches()
+        x, y = next(it)
+        if step:
+            step(x, y)
+        sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+        sync()
+        t0, seen = time.perf_counter(), 0
+        for x, y in it:
+            if step:
+                step(x, y)
+            seen += len(y)
+            if seen >= images:
+                break
+        sync()
+        return seen / (time.perf_counter() - t0)
+
+    model = train.create_vision_mamba2_model().to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step(x, y):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    typical_rate = rate(typical_batches, args.images)
+    rows = [("input pipeline, no augmentation", rate(our_plain_batches, args.images), typical_rate),
+            ("input pipeline, ours with augmentation", rate(our_batches, args.images), typical_rate),
+            ("training steps, default model", rate(our_batches, args.step_images, step),
+             rate(typical_batches, args.step_images, step))]
+    print(f"\nMNIST training input, {device} ({torch.get_num_threads()} threads); ours: whole split on the device, "
+          f"batch 128, random affine augmentation where said; typical: per-sample DataLoader, batch 32, ToTensor + "
+          f"Normalize, no augmentation\n")
+    print("| what | ours (img/s) | typical (img/s) | ours / typical |")
+    print("|---|---|---|---|")
+    for what, a, b in rows:
+        print(f"| {what} | {a:,.0f} | {b:,.0f} | {a / b:.1f}x |")
+    return [dict(what=w, ours=a, typical=b) for w, a, b in rows]
+
+
 def main():
     keep_freed_memory_in_process()
     parser = argparse.ArgumentParser(description="Benchmarks; each prints a markdown table.")
-    parser.add_argument("what", choices=["ssd"], help="ssd: our SSD vs mamba_ssm's references on CPU")
+    parser.add_argument("what", choices=["ssd", "train"],
+                        help="ssd: our SSD vs mamba_ssm's references on CPU; train: train.py's input pipeline and "
+                             "training step vs a typical per-sample DataLoader")
     parser.add_argument("--lengths", type=int, nargs="+", default=[196, 784], help="sequence lengths")
     parser.add_argument("--batch", type=int, default=32, help="sequences per call")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per row (median reported)")
+    parser.add_argument("--data-dir", default="./data", help="train: torchvision's MNIST root")
+    parser.add_argument("--device", default="auto", help="train: auto, cpu, cuda, mps")
+    parser.add_argument("--images", type=int, default=20000, help="train: images timed for the input pipeline")
+    parser.add_argument("--step-images", type=int, default=1024, help="train: images timed for training steps")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
-    rows = bench_ssd(args)
+    try:
+        rows = {"ssd": bench_ssd, "train": bench_train}[args.what](args)
+    except (train.UsageError, train.TrainingError) as e:
+        sys.exit(f"error: {e}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -18,6 +18,7 @@ import functools
 import importlib.util
 import sys
 import types
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -88,7 +89,7 @@ class VisionMamba2Config:
 
 @functools.cache
 def load_official_kernels():
-    """mamba_ssm's Mamba-2 kernels as a namespace, or None when mamba-ssm is not installed."""
+    """mamba_ssm's Mamba-2 kernels as a namespace, or None when mamba-ssm is not installed or won't import."""
     if importlib.util.find_spec("mamba_ssm") is None:
         return None
     try:
@@ -99,14 +100,18 @@ def load_official_kernels():
         # though Mamba-2's Triton kernels don't need it. A placeholder lets the package import.
         sys.modules["selective_scan_cuda"] = types.ModuleType(
             "selective_scan_cuda", "placeholder: mamba-ssm was installed without this CUDA extension")
-    from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
-    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined
-    try:  # the fused path needs causal-conv1d's compiled CUDA extension
-        import causal_conv1d_cuda  # noqa: F401
-        fused = mamba_split_conv1d_scan_combined
-    except ImportError:
-        fused = None
-    return types.SimpleNamespace(scan=mamba_chunk_scan_combined, gated_norm=rmsnorm_fn, fused=fused)
+    try:
+        from mamba_ssm.ops.triton import ssd_combined
+        from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+    except Exception as e:  # e.g. a mamba-ssm release that doesn't import with this torch or transformers
+        warnings.warn(f"mamba-ssm is installed but does not import ({type(e).__name__}: {e}): "
+                      "the official kernels are unavailable")
+        return None
+    # the fused conv + scan path calls causal-conv1d's compiled CUDA functions; mamba_ssm sets them to
+    # None when causal-conv1d (or its extension) is missing
+    has_conv_kernel = ssd_combined.causal_conv1d_fwd_function is not None
+    fused = ssd_combined.mamba_split_conv1d_scan_combined if has_conv_kernel else None
+    return types.SimpleNamespace(scan=ssd_combined.mamba_chunk_scan_combined, gated_norm=rmsnorm_fn, fused=fused)
 
 
 def resolve_backend(backend, device):
@@ -120,7 +125,8 @@ def resolve_backend(backend, device):
                                f"{'' if torch.cuda.is_available() else ' and no GPU is available'}: "
                                "use backend 'auto' or 'portable'")
         if load_official_kernels() is None:
-            raise RuntimeError("backend 'official' needs mamba-ssm: see the README's GPU install commands")
+            raise RuntimeError("backend 'official' needs mamba-ssm installed and importable: see the README's "
+                               "GPU install commands")
         return "official"
     if backend == "auto":
         return "official" if device.type == "cuda" and load_official_kernels() is not None else "portable"

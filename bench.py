@@ -3,6 +3,7 @@ Benchmarks that print a markdown table (speed claims live here, never in timed t
 
     python bench.py ssd            # our SSD vs mamba_ssm's ssd_minimal_discrete and sequential scan, CPU
     python bench.py train --data-dir ../shared/data   # train.py's input pipeline and step vs a per-sample DataLoader
+    python bench.py eval --data-dir ../shared/data    # test_model.py's batched test-set pass vs one image per forward
 
 Each row: forward + backward time, median of several repeats after a warm-up, all measured in this
 one process, with ratios against our SSD. Shapes are those of the default model's mixer: d_model 128,
@@ -17,7 +18,10 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torchvision import transforms
 from mamba2_torch import mamba_chunk_scan_combined
+import test_model
 import train
 from train import keep_freed_memory_in_process
 
@@ -161,23 +165,81 @@ def bench_train(args):
     return [dict(what=w, ours=a, typical=b) for w, a, b in rows]
 
 
+def bench_eval(args):
+    """test_model.py's one batched pass over the whole test set vs the one-image-per-forward loop of typical
+    MNIST test scripts (the dataset's per-sample ToTensor + Normalize, then model(image[None])), same model."""
+    device = train.resolve_device(args.device)
+    if args.checkpoint:
+        ckpt = test_model.load_checkpoint(args.checkpoint)
+        model = test_model.build_model(ckpt, args.checkpoint, device)
+        dataset, norm, what = ckpt["dataset"], ckpt["normalization"], args.checkpoint
+    else:
+        model = train.create_vision_mamba2_model().to(device).eval()
+        dataset, what = "mnist", "the default model (untrained)"
+        norm = dict(zip(("mean", "std"), train.DATASETS[dataset][1:]))
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((norm["mean"],), (norm["std"],))])
+    _, test = train.load_datasets(dataset, args.data_dir, tf)
+    split = train.DeviceSplit(DataLoader(test, batch_size=args.eval_batch_size), device, norm["mean"], norm["std"])
+    single = min(args.single_images, len(test))
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    results = {}
+
+    def batched():
+        results["batched"] = test_model.predict(model, split)[0]
+        sync()
+
+    @torch.no_grad()
+    def one_by_one():
+        probs = []
+        for i in range(single):
+            x, _ = test[i]  # x : (1, H, W)
+            probs.append(model(x[None].to(device)).float().softmax(dim=1).cpu())
+        results["single"] = torch.cat(probs).numpy()
+        sync()
+
+    with torch.no_grad():  # warm-up: one batch
+        model(next(split.batches())[0])
+    t_batched = median_time(batched, args.repeats, warmup=0)
+    t_single = median_time(one_by_one, args.repeats, warmup=0)
+    # the same function: one image at a time gives the batched probabilities
+    assert abs(results["single"] - results["batched"][:single]).max() < 1e-4
+    rows = [dict(what=f"batched (test_model.py), batch {args.eval_batch_size}", images=split.num_samples,
+                 seconds=t_batched, images_per_sec=split.num_samples / t_batched),
+            dict(what="one image per forward", images=single, seconds=t_single, images_per_sec=single / t_single)]
+    print(f"\n{dataset} test-set evaluation, {device} ({torch.get_num_threads()} threads), {what}, fp32; "
+          f"the one-image loop runs on the first {single:,} test images; median of {args.repeats}\n")
+    print("| what | images | time (s) | img/s | vs one image per forward |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['what']} | {r['images']:,} | {r['seconds']:.1f} | {r['images_per_sec']:,.1f} | "
+              f"{r['images_per_sec'] / rows[1]['images_per_sec']:.1f}x |")
+    return rows
+
+
 def main():
     keep_freed_memory_in_process()
     parser = argparse.ArgumentParser(description="Benchmarks; each prints a markdown table.")
-    parser.add_argument("what", choices=["ssd", "train"],
+    parser.add_argument("what", choices=["ssd", "train", "eval"],
                         help="ssd: our SSD vs mamba_ssm's references on CPU; train: train.py's input pipeline and "
-                             "training step vs a typical per-sample DataLoader")
+                             "training step vs a typical per-sample DataLoader; eval: test_model.py's batched "
+                             "test-set pass vs one image per forward")
     parser.add_argument("--lengths", type=int, nargs="+", default=[196, 784], help="sequence lengths")
     parser.add_argument("--batch", type=int, default=32, help="sequences per call")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per row (median reported)")
-    parser.add_argument("--data-dir", default="./data", help="train: torchvision's MNIST root")
-    parser.add_argument("--device", default="auto", help="train: auto, cpu, cuda, mps")
+    parser.add_argument("--data-dir", default="./data", help="train, eval: torchvision's MNIST root")
+    parser.add_argument("--device", default="auto", help="train, eval: auto, cpu, cuda, mps")
     parser.add_argument("--images", type=int, default=20000, help="train: images timed for the input pipeline")
     parser.add_argument("--step-images", type=int, default=1024, help="train: images timed for training steps")
+    parser.add_argument("--checkpoint", help="eval: a train.py checkpoint to time (default: the default model, "
+                                                 "untrained: the weights don't change the speed)")
+    parser.add_argument("--eval-batch-size", type=int, default=test_model.build_parser().get_default("batch_size"),
+                        help="eval: batch size of the batched pass (default: test_model.py's)")
+    parser.add_argument("--single-images", type=int, default=500,
+                        help="eval: test images timed one per forward pass (all 10,000 take long on a CPU)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
     try:
-        rows = {"ssd": bench_ssd, "train": bench_train}[args.what](args)
+        rows = {"ssd": bench_ssd, "train": bench_train, "eval": bench_eval}[args.what](args)
     except (train.UsageError, train.TrainingError) as e:
         sys.exit(f"error: {e}")
     if args.json:

@@ -1,0 +1,308 @@
+"""
+Evaluate a checkpoint of train.py on its test set: how good the model is, and where it fails.
+
+    python test_model.py                                     # vision_mamba2_mnist.pth on the MNIST test set
+    python test_model.py --checkpoint fashion.pth --out-dir eval/
+
+The model is rebuilt from the config stored in the checkpoint, which is read with weights_only=True: a
+checkpoint may hold tensors and plain values, never code to run. The whole test set goes through the
+model once, in batches, and every output comes from those predictions:
+
+    stdout                          accuracy, per-class accuracy, the most frequent confusions, sklearn's report
+    confusion_matrix.png            annotated heatmap: rows are the true class, columns the predicted one
+    predictions_visualization.png   random test images with prediction, confidence and truth; mistakes in red
+    confident_mistakes.png          the mistakes the model was surest of
+    metrics.json                    the numbers, for scripts
+"""
+
+import dataclasses
+import json
+import math
+import os
+import pickle
+import sys
+import textwrap
+import traceback
+import warnings
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: plots are written to files, never shown
+import matplotlib.pyplot as plt
+import numpy as np
+import seaborn as sns
+import torch
+from matplotlib.colors import LogNorm
+from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, precision_recall_fscore_support
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import train
+from train import UsageError
+from vision_mamba2 import VisionMamba2, VisionMamba2Config, resolve_backend
+
+# the checkpoint's args["task"] -> (config class, model class). Checkpoints without a task are image classifiers;
+# another task (sequential MNIST, say) adds its entry here, with a model that takes the same (B, 1, 28, 28) images
+TASKS = {"image": (VisionMamba2Config, VisionMamba2)}
+CHECKPOINT_KEYS = ("model", "config", "args", "dataset", "normalization")  # what every train.py checkpoint has
+
+
+def build_parser():
+    p = train.Parser(prog="test_model.py", formatter_class=train.HelpFormatter,
+                     description="Evaluate a train.py checkpoint on the whole test set: accuracy, per-class accuracy, "
+                                 "classification report, confusion matrix, sample predictions and the most confident "
+                                 "mistakes (PNG files), and metrics.json.")
+    p.add_argument("--checkpoint", default="vision_mamba2_mnist.pth", help="a checkpoint written by train.py")
+    p.add_argument("--data-dir", default="./data",
+                   help="torchvision root: <data-dir>/MNIST/raw/ or <data-dir>/FashionMNIST/raw/")
+    p.add_argument("--dataset", choices=list(train.DATASETS), default=None,
+                   help="test set to evaluate on; the images are normalized as in training whatever it is "
+                        "(default: the one the checkpoint was trained on)")
+    p.add_argument("--out-dir", default=".", help="where the PNG files and metrics.json go")
+    p.add_argument("--device", type=train.device_name, default="auto", help="auto picks cuda, then mps, then cpu")
+    p.add_argument("--batch-size", type=train.int_at_least(1), default=64,
+                   help="test images per forward pass; on a CPU larger batches only fall out of the cache "
+                        "(bench.py eval)")
+    p.add_argument("--num-samples", type=train.int_at_least(1), default=25,
+                   help="images in each grid: random test images, and the most confident mistakes")
+    p.add_argument("--seed", type=train.int_at_least(0), default=0, help="picks the random test images shown")
+    return p
+
+
+def shorten(e):
+    return textwrap.shorten(str(e), 300) or type(e).__name__
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoint and model
+
+def load_checkpoint(path):
+    """The checkpoint as a dict; a UsageError saying why if the file is not one train.py wrote."""
+    if not os.path.exists(path):
+        raise UsageError(f"no checkpoint at {path}: train one with `python train.py` (it writes "
+                         f"vision_mamba2_mnist.pth), or pass --checkpoint PATH")
+    try:
+        with warnings.catch_warnings():  # the weights-only unpickler warns about old pickle protocols
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # zip or pickle errors: truncated, corrupt, not a checkpoint, or refused
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        code = next((line for line in lines if "GLOBAL" in line), None)  # a reference to a function or class
+        if isinstance(e, pickle.UnpicklingError) and code:
+            raise UsageError(f"{path} was refused by weights_only loading ({code}): it is not a train.py "
+                             f"checkpoint, and test_model.py never runs code from a checkpoint") from None
+        reason = next((line for line in lines if "nsupported" in line), lines[0] if lines else "")
+        detail = f"{type(e).__name__}: {textwrap.shorten(reason, 150)}" if reason else type(e).__name__
+        raise UsageError(f"{path} is not a readable PyTorch checkpoint, or it is truncated ({detail})") from None
+    if not isinstance(ckpt, dict) or not set(CHECKPOINT_KEYS) <= ckpt.keys() or not isinstance(ckpt["args"], dict):
+        found = f"the keys {sorted(map(str, ckpt))[:8]}" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
+        raise UsageError(f"{path} is not a checkpoint of train.py (from another program?): expected the keys "
+                         f"{list(CHECKPOINT_KEYS)}, found {found}")
+    return ckpt
+
+
+def build_model(ckpt, path, device):
+    """Exactly the trained model, from the checkpoint alone: its task picks the class, its config the shapes."""
+    task = ckpt["args"].get("task", "image")
+    if task not in TASKS:
+        raise UsageError(f"{path} holds a model for the task {task!r}, which this version of test_model.py does "
+                         f"not know (it knows {', '.join(TASKS)})")
+    config_cls, model_cls = TASKS[task]
+    try:
+        config = config_cls.from_dict(ckpt["config"])
+        # the backend is how the model runs, not what it computes: weights trained with the official kernels
+        # evaluate anywhere
+        if config.backend == "official" and resolve_backend("auto", device) != "official":
+            config = dataclasses.replace(config, backend="auto")
+        model = model_cls(config)
+        model.load_state_dict(ckpt["model"])
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise UsageError(f"{path} holds a model this version of the code cannot rebuild ({shorten(e)})") from None
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation
+
+@torch.no_grad()
+def predict(model, split):
+    """Softmax probabilities (N, classes) and labels (N,) of a whole split, as numpy arrays: one batched pass."""
+    probs, labels = [], []
+    for x, y in tqdm(split.batches(), total=split.num_batches, desc="test", unit="batch", leave=False,
+                     dynamic_ncols=True):
+        # x : (B, 1, H, W) normalized, y : (B,)
+        probs.append(model(x).float().softmax(dim=1).cpu())
+        labels.append(y.cpu())
+    return torch.cat(probs).numpy(), torch.cat(labels).numpy()
+
+
+def compute_metrics(preds, labels, classes):
+    ids = list(range(len(classes)))
+    cm = confusion_matrix(labels, preds, labels=ids)  # (C, C): rows true class, columns predicted
+    precision, recall, f1, support = precision_recall_fscore_support(labels, preds, labels=ids, zero_division=0)
+    per_class = {name: {"accuracy": float(recall[k]) if support[k] else None, "correct": int(cm[k, k]),
+                        "support": int(support[k]), "precision": float(precision[k]), "f1": float(f1[k])}
+                 for k, name in enumerate(classes)}
+    return {"accuracy": accuracy_score(labels, preds), "correct": int(cm.trace()), "num_images": len(labels),
+            "classes": list(classes), "per_class": per_class, "confusion_matrix": cm.tolist()}
+
+
+def top_confusions(cm, k=5):
+    """The k most frequent (true, predicted, count) mistakes."""
+    off = np.array(cm)
+    np.fill_diagonal(off, 0)
+    flat = np.argsort(-off, axis=None, kind="stable")[:k]
+    return [(int(t), int(p), int(off[t, p])) for t, p in zip(*np.unravel_index(flat, off.shape)) if off[t, p]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Plots
+
+def save_figure(fig, path):
+    train.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+
+
+def plot_confusion_matrix(cm, classes, title, path):
+    cm = np.array(cm)
+    correct = np.eye(len(cm), dtype=bool)
+    fig, ax = plt.subplots(figsize=(7.5, 7))
+    common = dict(annot=True, fmt="d", annot_kws={"fontsize": 9}, square=True, linewidths=0.5, linecolor="0.85",
+                  cbar=False, xticklabels=classes, yticklabels=classes, ax=ax)
+    # the diagonal (correct) in blue; the mistakes in red, on a log scale so that a single one still shows
+    sns.heatmap(cm, mask=~correct, cmap="Blues", vmin=0, vmax=cm.max(), **common)
+    sns.heatmap(cm, mask=correct | (cm == 0), cmap="Reds", norm=LogNorm(vmin=0.5, vmax=max(cm[~correct].max(), 2)),
+                **common)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, pad=12)
+    plt.setp(ax.get_xticklabels(), rotation=45, ha="right", rotation_mode="anchor")
+    plt.setp(ax.get_yticklabels(), rotation=0)
+    save_figure(fig, path)
+
+
+def plot_grid(images, titles, wrong, suptitle, path):
+    """Images (n, H, W) uint8 in a near-square grid, one title each; the wrong ones in red."""
+    n = len(images)
+    cols = max(1, math.ceil(math.sqrt(n)))
+    rows = max(1, math.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(max(1.8 * cols, 4), 2.1 * rows + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, title, bad in zip(axes.flat, images, titles, wrong):
+        ax.axis("on")
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        color = "red" if bad else "black"
+        ax.set_title(title, fontsize=9, color=color)
+        for spine in ax.spines.values():
+            spine.set(color=color, linewidth=2 if bad else 0.5)
+    if n == 0:
+        axes[0, 0].text(0.5, 0.5, "nothing to show", ha="center", va="center")
+    fig.suptitle(suptitle)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def tile_titles(idx, preds, confidence, labels, classes):
+    return [f"pred {classes[preds[i]]} ({confidence[i]:.1%})\ntrue {classes[labels[i]]}" for i in idx]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Main
+
+def evaluate(args):
+    ckpt = load_checkpoint(args.checkpoint)
+    device = train.resolve_device(args.device)
+    model = build_model(ckpt, args.checkpoint, device)
+    trained_on = ckpt["dataset"]
+    dataset = args.dataset or trained_on
+    if dataset not in train.DATASETS:
+        raise UsageError(f"{args.checkpoint} was trained on {dataset!r}, a dataset this code does not know: "
+                         f"pass --dataset ({', '.join(train.DATASETS)})")
+
+    # the test set as one tensor on the device, normalized as the model saw its training data
+    _, test = train.load_datasets(dataset, args.data_dir, transform=None)
+    norm = ckpt["normalization"]
+    split = train.DeviceSplit(DataLoader(test, batch_size=args.batch_size), device, norm["mean"], norm["std"])
+    classes = test.classes
+
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"checkpoint {args.checkpoint}: epoch {ckpt.get('epoch', '?')}, trained on {trained_on}, "
+          f"{n_params:,} parameters, backend {resolve_backend(model.config.backend, device)}, device {device}")
+    try:
+        probs, labels = predict(model, split)
+    except torch.OutOfMemoryError:
+        raise UsageError(f"out of memory on {device}: lower --batch-size (now {args.batch_size})") from None
+    preds, confidence = probs.argmax(axis=1), probs.max(axis=1)
+    metrics = compute_metrics(preds, labels, classes)
+    acc, cm = metrics["accuracy"], metrics["confusion_matrix"]
+
+    print(f"\n{dataset} test set: accuracy {acc:.2%} ({metrics['correct']:,} / {metrics['num_images']:,})")
+    print("\nper-class accuracy:")
+    width = max(map(len, classes))
+    for name, m in metrics["per_class"].items():
+        class_acc = "-" if m["accuracy"] is None else f"{m['accuracy']:.2%}"
+        print(f"  {name:<{width}}  {class_acc:>7}  ({m['correct']:,} / {m['support']:,})")
+    confusions = top_confusions(cm)
+    if confusions:
+        print("\nmost frequent mistakes (true -> predicted):")
+        for t, p, count in confusions:
+            print(f"  {classes[t]} -> {classes[p]}: {count:,}")
+    print("\nclassification report:")
+    print(classification_report(labels, preds, labels=list(range(len(classes))), target_names=classes, digits=4,
+                                zero_division=0))
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    paths = {name: os.path.join(args.out_dir, name) for name in
+             ("confusion_matrix.png", "predictions_visualization.png", "confident_mistakes.png", "metrics.json")}
+    title = (f"{os.path.basename(args.checkpoint)} on the {dataset} test set: accuracy {acc:.2%} "
+             f"({metrics['num_images']:,} images)\nblue: correct; red: mistakes (log colour scale)")
+    plot_confusion_matrix(cm, classes, title, paths["confusion_matrix.png"])
+
+    rng = np.random.default_rng(args.seed)
+    shown = rng.choice(len(labels), size=min(args.num_samples, len(labels)), replace=False)
+    images = split.images[:, 0].cpu().numpy()  # (N, H, W) uint8, as stored
+    shown_wrong = preds[shown] != labels[shown]
+    plot_grid(images[shown], tile_titles(shown, preds, confidence, labels, classes), shown_wrong,
+              f"{len(shown)} random {dataset} test images ({shown_wrong.sum()} wrong, in red)",
+              paths["predictions_visualization.png"])
+
+    wrong = np.flatnonzero(preds != labels)
+    worst = wrong[np.argsort(-confidence[wrong], kind="stable")][:args.num_samples]
+    plot_grid(images[worst], tile_titles(worst, preds, confidence, labels, classes), [True] * len(worst),
+              f"the {len(worst)} most confident of {len(wrong):,} mistakes" if len(wrong) else
+              f"no mistakes on the {len(labels):,} test images",
+              paths["confident_mistakes.png"])
+
+    report = {"checkpoint": {"path": args.checkpoint, "epoch": ckpt.get("epoch"), "trained_on": trained_on},
+              "dataset": dataset, **metrics}
+    train.atomic_write(paths["metrics.json"], lambda f: f.write(json.dumps(report, indent=2).encode()))
+    print(f"wrote {', '.join(paths.values())}")
+    return 0
+
+
+def main(argv=None):
+    # glibc hands large freed blocks back to the OS, so each batch page-faults its activations in again:
+    # without this, the default model's batches of 64 ran 1.4x slower on a CPU, of 256 3x (see train.py)
+    train.keep_freed_memory_in_process()
+    args = build_parser().parse_args(argv)
+
+    def fail(message, status):
+        print(f"error: {' '.join(str(message).split())}", file=sys.stderr)  # one line, however long
+        return status
+    try:
+        status = evaluate(args)
+    except UsageError as e:
+        status = fail(e, 2)
+    except KeyboardInterrupt:
+        status = fail("interrupted", 130)
+    except Exception as e:  # a bug: still one line, with where it happened
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        status = fail(f"{type(e).__name__} at {os.path.basename(where.filename)}:{where.lineno}: {e}", 1)
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()

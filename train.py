@@ -4,6 +4,7 @@ Train Vision Mamba 2 on MNIST (or Fashion-MNIST).
     python train.py                                   # the default recipe, aimed at >= 99.6% MNIST test accuracy
     python train.py --dataset fashion-mnist --epochs 30
     python train.py --resume vision_mamba2_mnist_last.pth   # after Ctrl-C or a crash: carries on exactly
+    torchrun --nproc_per_node=4 train.py              # 4 GPUs (DistributedDataParallel; on CPU: 4 processes)
 
 The whole dataset split lives on the device as one uint8 tensor; shuffling, batching and augmentation
 (a random affine warp via affine_grid + grid_sample) happen there, so the hot loop never touches PIL or
@@ -11,13 +12,19 @@ a DataLoader. --no-data-on-device trains from the standard DataLoaders of get_mn
 for datasets that don't fit. Model selection and early stopping look at a validation split carved from
 the training set; the test set is evaluated once, at the end.
 
+Under torchrun each process (rank) trains on its share of every epoch's shuffle with --batch-size images per
+step, DistributedDataParallel averages the gradients, and the metrics are summed over the ranks; only rank 0
+prints and writes files.
+
 Outputs: the best-on-validation checkpoint (--out), a resumable last checkpoint next to it (*_last.pth),
 training_history.png next to it, and TensorBoard logs in <--log-dir>/<run-name>/.
 """
 
 import argparse
+import contextlib
 import ctypes
 import dataclasses
+import datetime
 import itertools
 import math
 import os
@@ -33,10 +40,12 @@ matplotlib.use("Agg")  # headless: we only ever write PNG files
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from matplotlib.ticker import MaxNLocator
-from torch.utils.data import DataLoader, Subset
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torch.utils.tensorboard import SummaryWriter
 from torchvision import datasets, transforms
 from tqdm import tqdm
@@ -114,7 +123,9 @@ def build_parser():
                     "the test set varies by). Keep them for MNIST; Fashion-MNIST wants more epochs.",
         epilog="--resume takes every flag not given from the checkpoint. Hyperparameters given must agree with "
                "it; only --epochs, --patience and the runtime flags (device, paths, workers, amp, compile) "
-               "may differ.")
+               "may differ. Several GPUs or machines: torchrun --nproc_per_node=N train.py ...; a checkpoint "
+               "saved at the end of an epoch resumes under any number of processes, one saved mid-epoch "
+               "(Ctrl-C) under as many as saved it.")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=list(DATASETS), default="mnist",
@@ -166,9 +177,11 @@ def build_parser():
     g.add_argument("--epochs", type=int_at_least(1), default=10,
                    help="passes over the training split; the cosine schedule spans all of them")
     g.add_argument("--batch-size", type=int_at_least(1), default=128,
-                   help="images per step (evaluation uses twice as many); lower it if you run out of memory")
+                   help="images per step and process (evaluation uses twice as many); under torchrun a step "
+                        "takes this many from each process; lower it if you run out of memory")
     g.add_argument("--lr", type=float_in(0, lo_open=True), default=2e-3,
-                   help="peak AdamW learning rate, reached after the warmup")
+                   help="peak AdamW learning rate, reached after the warmup; the same under torchrun (not "
+                        "scaled with the number of processes)")
     g.add_argument("--weight-decay", type=float_in(0), default=0.05,
                    help="AdamW weight decay on weight matrices only (not on biases, norms, position "
                         "embeddings or the SSM's A_log/D/dt_bias)")
@@ -186,7 +199,8 @@ def build_parser():
 
     g = p.add_argument_group("runtime and output")
     g.add_argument("--device", type=device_name, default="auto",
-                   help="auto picks cuda, then mps, then cpu")
+                   help="auto picks cuda, then mps, then cpu; under torchrun each process takes cuda:LOCAL_RANK "
+                        "(or the CPU)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision (bf16 autocast; fp16 with loss scaling on GPUs without bf16) "
                         "(default: on for CUDA, off elsewhere)")
@@ -253,12 +267,13 @@ def load_datasets(name, data_dir, transform):
 
 
 def get_mnist_dataloaders(*, dataset="mnist", data_dir="./data", batch_size=128, val_size=5000,
-                          max_train_samples=None, seed=0, num_workers=0):
+                          max_train_samples=None, seed=0, num_workers=0, rank=0, world_size=1):
     """Train / validation / test DataLoaders of normalized (B, 1, 28, 28) images and their labels.
 
     The one place to swap in another dataset (together with DATASETS above): the fast on-device path
     builds its tensors from the torchvision datasets behind these loaders (their .data / .targets).
     The validation split is drawn from the training set by `seed`; the test set is never shuffled.
+    With world_size > 1 (torchrun) the loaders of process `rank` give it its part of each split.
     """
     _, mean, std = DATASETS[dataset]
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
@@ -268,36 +283,55 @@ def get_mnist_dataloaders(*, dataset="mnist", data_dir="./data", batch_size=128,
     perm = torch.randperm(len(train_full), generator=torch.Generator().manual_seed(seed)).tolist()
     val_idx, train_idx = perm[:val_size], perm[val_size:][:max_train_samples]
 
-    def loader(ds, shuffle, bs):
-        return DataLoader(ds, batch_size=bs, shuffle=shuffle, num_workers=num_workers,
+    def loader(ds, bs, shuffle=False, sampler=None):
+        return DataLoader(ds, batch_size=bs, shuffle=shuffle, sampler=sampler, num_workers=num_workers,
                           generator=torch.Generator() if shuffle else None,  # re-seeded each epoch
                           persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
-    return (loader(Subset(train_full, train_idx), True, batch_size),
-            loader(Subset(train_full, val_idx), False, 2 * batch_size),
-            loader(test, False, 2 * batch_size))
+    train_set, val_set = Subset(train_full, train_idx), Subset(train_full, val_idx)
+    if world_size == 1:
+        return (loader(train_set, batch_size, shuffle=True), loader(val_set, 2 * batch_size),
+                loader(test, 2 * batch_size))
+
+    # each rank trains on its share of every epoch's shuffle, all the same size (the remainder is dropped) so
+    # that the ranks step together, and evaluates its own slice: every image once, the sums are all-reduced
+    def part(n):
+        return range(rank * n // world_size, (rank + 1) * n // world_size)
+    return (loader(train_set, batch_size, sampler=DistributedSampler(train_set, world_size, rank, seed=seed,
+                                                                      drop_last=True)),
+            loader(val_set, 2 * batch_size, sampler=part(len(val_set))),
+            loader(test, 2 * batch_size, sampler=part(len(test))))
 
 
 class DeviceSplit:
-    """A loader's images as one uint8 tensor on the device; batches are slices of it, normalized on the fly."""
+    """A loader's images as one uint8 tensor on the device; batches are slices of it, normalized on the fly.
+    Under torchrun a rank visits the images its loader's sampler would give it (see get_mnist_dataloaders)."""
 
     def __init__(self, loader, device, mean, std):
-        ds = loader.dataset
+        ds, sampler = loader.dataset, loader.sampler
         if isinstance(ds, Subset):
             idx = torch.as_tensor(ds.indices)
             images, labels = ds.dataset.data[idx], torch.as_tensor(ds.dataset.targets)[idx]
         else:
             images, labels = ds.data, ds.targets
+        if isinstance(sampler, range):  # this rank's slice of an evaluation split
+            images, labels = images[sampler.start:sampler.stop], labels[sampler.start:sampler.stop]
         self.device = device
         self.images = images.unsqueeze(1).to(device)  # (N, 1, H, W) uint8: 47 MB for all of MNIST
         self.labels = torch.as_tensor(labels).to(device)  # (N,)
         self.batch_size, self.mean, self.std = loader.batch_size, mean, std
-        self.num_samples = len(self.labels)
+        # training under torchrun: every rank draws the same permutation and takes every world_size-th image
+        # from its rank on, as DistributedSampler deals them
+        distributed = isinstance(sampler, DistributedSampler)
+        self.rank, self.world_size = (sampler.rank, sampler.num_replicas) if distributed else (0, 1)
+        self.num_samples = len(sampler)  # the images this process visits
         self.num_batches = math.ceil(self.num_samples / self.batch_size)
 
     def batches(self, generator=None, start=0):
         """Iterator over (x, y) from batch `start` on, shuffled by `generator` (drawn now) if given."""
-        order = None if generator is None else torch.randperm(
-            self.num_samples, generator=generator, device=self.device)
+        order = None
+        if generator is not None:
+            order = torch.randperm(len(self.labels), generator=generator, device=self.device)
+            order = order[self.rank:self.num_samples * self.world_size:self.world_size]  # this rank's share
         return self._iterate(order, start)
 
     def _iterate(self, order, start):
@@ -312,12 +346,15 @@ class LoaderSplit:
 
     def __init__(self, loader, device):
         self.loader, self.device = loader, device
-        self.num_samples, self.num_batches = len(loader.dataset), len(loader)
+        self.num_samples, self.num_batches = len(loader.sampler), len(loader)
 
     def batches(self, generator=None, start=0):
         if generator is not None:  # the sampler's shuffle follows the epoch's generator too
-            self.loader.generator.manual_seed(
-                int(torch.randint(2**62, (), generator=generator, device=generator.device)))
+            seed = int(torch.randint(2**62, (), generator=generator, device=generator.device))
+            if isinstance(self.loader.sampler, DistributedSampler):
+                self.loader.sampler.set_epoch(seed)  # an offset to its seed: every rank drew the same
+            else:
+                self.loader.generator.manual_seed(seed)
         return ((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
                 for x, y in itertools.islice(self.loader, start, None))
 
@@ -430,6 +467,41 @@ def set_rng_state(rng):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Several processes (torchrun): collectives that every rank calls at the same point; without torchrun they
+# hand back what they are given
+
+def rank_and_world_size():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def sum_over_ranks(values, device):
+    """The numbers in `values` summed over all ranks, in one all_reduce on `device` (a list of floats)."""
+    if not dist.is_initialized():
+        return values
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def gather_from_ranks(obj):
+    """Every rank's obj, in rank order."""
+    if not dist.is_initialized():
+        return [obj]
+    objs = [None] * dist.get_world_size()
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
+def from_rank0(obj):
+    """Rank 0's obj, on every rank."""
+    if dist.is_initialized():
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        obj = box[0]
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------------
 # Training
 
 class GracefulInterrupt:
@@ -455,14 +527,19 @@ def train_one_epoch(model, split, *, optimizer, scheduler, scaler, criterion, au
 
     Returns (metrics, None) when the epoch completes, or (None, state) when Ctrl-C stopped it: the
     state resumes this epoch at the next step. The epoch's shuffle and augmentation come from one
-    generator seeded by (seed, epoch), which is what makes a resumed epoch replay exactly.
+    generator seeded by (seed, epoch), which is what makes a resumed epoch replay exactly. Under torchrun
+    every rank draws the same shuffle (and takes its share of it), then its own augmentation.
     """
     device = split.device
-    generator = torch.Generator(device=device).manual_seed(args.seed * 100_003 + epoch)
+    rank, world_size = rank_and_world_size()
+    seed = args.seed * 100_003 + epoch
+    generator = torch.Generator(device=device).manual_seed(seed)
     start = resume["step"] if resume else 0
     batches = split.batches(generator, start)  # draws this epoch's order from the fresh generator
     if resume:
         generator.set_state(resume["generator"])  # then carry on with the augmentation draws
+    elif rank > 0:
+        generator.manual_seed(seed * 1_000_003 + rank)
 
     _, mean, std = DATASETS[args.dataset]
     augment = args.aug_translate > 0 or args.aug_rotate > 0 or args.aug_scale > 0
@@ -472,17 +549,22 @@ def train_one_epoch(model, split, *, optimizer, scheduler, scaler, criterion, au
     seen = resume["seen"] if resume else 0
     elapsed = resume["elapsed"] if resume else 0.0
     seen_before, t0 = seen, time.perf_counter()
+    stop_agreed = False
 
-    def check_loss():
-        loss = loss_sum.item() / max(seen, 1)
+    def totals():
+        """(mean loss, accuracy, Ctrl-C) of the epoch so far. Under torchrun over all ranks (all take batches of
+        the same sizes), in one all_reduce: the logged numbers are global, and every rank sees the same NaN and
+        the same Ctrl-C, so they all stop at the same step."""
+        loss_total, correct_total, stops = sum_over_ranks([loss_sum.item(), correct.item(), stop.requested], device)
+        loss = loss_total / max(seen * world_size, 1)
         if not math.isfinite(loss):
             raise TrainingError(f"the training loss became {loss} in epoch {epoch}: stopping; the checkpoints "
                                 f"from before are kept (try a lower --lr)")
-        return loss
+        return loss, correct_total / max(seen * world_size, 1), stops > 0
 
     model.train()
     bar = tqdm(batches, total=split.num_batches, initial=start, desc=f"epoch {epoch}/{args.epochs}",
-               unit="batch", leave=False, dynamic_ncols=True)
+               unit="batch", leave=False, dynamic_ncols=True, disable=rank > 0)
     for step, (x, y) in enumerate(bar, start):
         # x : (B, 1, 28, 28), y : (B,)
         if augment:
@@ -504,34 +586,38 @@ def train_one_epoch(model, split, *, optimizer, scheduler, scaler, criterion, au
         correct += (logits.argmax(dim=1) == y).sum()
         seen += len(y)
         if (step + 1) % args.log_interval == 0:
-            rate = (seen - seen_before) / (time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{check_loss():.4f}", acc=f"{correct.item() / seen:.2%}", img_s=f"{rate:,.0f}")
-        if stop.requested and step + 1 < split.num_batches:
+            loss, acc, stop_agreed = totals()
+            rate = world_size * (seen - seen_before) / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.2%}", img_s=f"{rate:,.0f}")
+        # one process stops after the step of its Ctrl-C; several at the log step where they agreed to
+        if (stop.requested if world_size == 1 else stop_agreed) and step + 1 < split.num_batches:
             bar.close()
-            check_loss()  # never save a state whose loss went NaN
+            totals()  # never save a state whose loss went NaN
             return None, {"step": step + 1, "generator": generator.get_state(), "loss_sum": loss_sum.item(),
                           "correct": correct.item(), "seen": seen,
                           "elapsed": elapsed + time.perf_counter() - t0}
     bar.close()
-    train_loss = check_loss()  # also waits for the device, so the timing below is honest
+    train_loss, train_acc, _ = totals()  # also waits for the device, so the timing below is honest
     elapsed += time.perf_counter() - t0
-    return {"train_loss": train_loss, "train_acc": correct.item() / seen,
-            "images_per_sec": seen / elapsed if elapsed > 0 else 0.0}, None
+    return {"train_loss": train_loss, "train_acc": train_acc,
+            "images_per_sec": world_size * seen / elapsed if elapsed > 0 else 0.0}, None
 
 
 @torch.no_grad()
 def evaluate(model, split, criterion, autocast, desc):
-    """(mean loss, accuracy) over a whole split."""
+    """(mean loss, accuracy) over a whole split; under torchrun each rank evaluates its slice of it."""
     model.eval()
     loss_sum = torch.zeros((), device=next(model.parameters()).device)
     correct = torch.zeros((), dtype=torch.long, device=loss_sum.device)
     for x, y in tqdm(split.batches(), total=split.num_batches, desc=desc, unit="batch", leave=False,
-                     dynamic_ncols=True):
+                     dynamic_ncols=True, disable=rank_and_world_size()[0] > 0):
         with autocast():
             logits = model(x)
         loss_sum += criterion(logits.float(), y) * len(y)
         correct += (logits.argmax(dim=1) == y).sum()
-    return loss_sum.item() / split.num_samples, correct.item() / split.num_samples
+    loss_total, correct_total, n = sum_over_ranks([loss_sum.item(), correct.item(), split.num_samples],
+                                                  loss_sum.device)
+    return loss_total / n, correct_total / n
 
 
 def plot_history(history, path):
@@ -557,6 +643,35 @@ def train(args, given):
         merge_resume_args(args, resume["args"], given)
     args.run_name = args.run_name or f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     device = resolve_device(args.device)
+    ddp = int(os.environ.get("RANK", -1)) != -1  # started by torchrun: one process per GPU
+    if ddp:
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if device.type == "cuda":
+            if local_rank >= torch.cuda.device_count():
+                raise UsageError(f"torchrun started more processes on this machine than it has GPUs: use "
+                                 f"--nproc_per_node={torch.cuda.device_count()}")
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        elif device.type != "cpu":
+            raise UsageError(f"--device {args.device} ({device}): under torchrun train.py runs on CUDA GPUs, or on "
+                             f"the CPU with --device cpu")
+        # a rank that exits makes torchrun end the others; the timeout ends a job whose rank hangs
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=10))
+    rank, world_size = rank_and_world_size()
+    master = rank == 0
+
+    def print0(*values, **kwargs):  # only rank 0 talks
+        if master:
+            print(*values, **kwargs)
+
+    # every rank's random state (and, if saved mid-epoch, where it stood) is in the checkpoint: rank 0's at the top
+    saved_ranks = [resume, *resume.get("other_ranks", [])] if resume else []
+    if resume and resume["epoch_state"] and len(saved_ranks) != world_size:
+        how = (f"under torchrun with {len(saved_ranks)} processes in all" if len(saved_ranks) > 1
+               else "without torchrun")
+        raise UsageError(f"{args.resume} was saved in the middle of an epoch by {len(saved_ranks)} process(es), so "
+                         f"it resumes only {how} (this run has {world_size}); a checkpoint saved at the end of an "
+                         f"epoch resumes under any number")
     use_amp = device.type == "cuda" if args.amp is None else args.amp
     try:
         backend = resolve_backend(args.backend, device)
@@ -566,17 +681,21 @@ def train(args, given):
     last_path = f"{root}_last{ext or '.pth'}"
     plot_path = os.path.join(os.path.dirname(args.out), "training_history.png")
 
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    random.seed(args.seed)
+    torch.manual_seed(args.seed + rank)  # each rank its own dropout (DDP starts them all from rank 0's weights)
+    np.random.seed(args.seed + rank)
+    random.seed(args.seed + rank)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # for --no-amp on Ampere+; CPU math stays exact fp32
 
-    # data
+    # data; under torchrun the first process of each machine downloads it while the others wait
     _, mean, std = DATASETS[args.dataset]
+    if ddp and local_rank > 0:
+        dist.barrier()
     loaders = get_mnist_dataloaders(dataset=args.dataset, data_dir=args.data_dir, batch_size=args.batch_size,
                                     val_size=args.val_size, max_train_samples=args.max_train_samples,
-                                    seed=args.seed, num_workers=args.num_workers)
+                                    seed=args.seed, num_workers=args.num_workers, rank=rank, world_size=world_size)
+    if ddp and local_rank == 0:
+        dist.barrier()
     if args.data_on_device:
         try:
             train_split, val_split, test_split = (DeviceSplit(dl, device, mean, std) for dl in loaders)
@@ -595,6 +714,9 @@ def train(args, given):
     except (ValueError, RuntimeError) as e:
         raise UsageError(f"invalid model configuration: {e}") from None
     model = torch.compile(raw_model) if args.compile else raw_model
+    # training steps go through DDP, which averages the gradients over the ranks; evaluation shards the data
+    # and calls the model itself
+    train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
 
     # optimization: AdamW, per-step warmup + cosine; loss scaling only for fp16 (bf16 needs none)
     optimizer = build_optimizer(raw_model, args, device)
@@ -617,43 +739,62 @@ def train(args, given):
         scheduler.load_state_dict(resume["scheduler"])
         if resume["scaler"]:
             scaler.load_state_dict(resume["scaler"])
-        set_rng_state(resume["rng"])
-        history, metrics, epoch_state = resume["history"], resume["metrics"], resume["epoch_state"]
+        history, metrics = resume["history"], resume["metrics"]
         start_epoch, best_val_acc, best_epoch = resume["epoch"], resume["best_val_acc"], resume["best_epoch"]
+        if rank < len(saved_ranks):  # (a rank the checkpoint has no state for keeps its fresh one)
+            set_rng_state(saved_ranks[rank]["rng"])
+            epoch_state = saved_ranks[rank]["epoch_state"]
+        if len(saved_ranks) != world_size:
+            # another number of processes takes another number of steps per epoch: same point of the schedule
+            scheduler.last_epoch = start_epoch * steps_per_epoch
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * scheduler.lr_lambdas[0](scheduler.last_epoch)
 
     def checkpoint(epoch, state=None):
+        # called by every rank: each one's random state (and, mid-epoch, where it stands) goes in for an exact
+        # resume; rank 0 writes the checkpoint
+        ranks = gather_from_ranks({"rng": get_rng_state(), "epoch_state": state})
         return {"model": raw_model.state_dict(), "config": dataclasses.asdict(raw_model.config),
                 "args": dict(vars(args)), "dataset": args.dataset, "normalization": {"mean": mean, "std": std},
                 "epoch": epoch, "metrics": dict(metrics), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": get_rng_state(),
-                "best_val_acc": best_val_acc, "best_epoch": best_epoch, "history": history, "epoch_state": state}
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": ranks[0]["rng"],
+                "best_val_acc": best_val_acc, "best_epoch": best_epoch, "history": history, "epoch_state": state,
+                "other_ranks": ranks[1:]}
 
     n_params = sum(p.numel() for p in raw_model.parameters())
-    print(f"{args.dataset}: {train_split.num_samples:,} train / {val_split.num_samples:,} validation / "
-          f"{test_split.num_samples:,} test images, {'on ' + str(device) if args.data_on_device else 'DataLoaders'}")
-    print(f"model: {n_params:,} parameters, backend {backend}, device {device}, "
-          f"amp {str(amp_dtype).removeprefix('torch.') if use_amp else 'off'}{', compiled' if args.compile else ''}")
+    print0(f"{args.dataset}: {len(loaders[0].dataset):,} train / {len(loaders[1].dataset):,} validation / "
+           f"{len(loaders[2].dataset):,} test images, "
+           f"{'on ' + str(device) if args.data_on_device else 'DataLoaders'}")
+    print0(f"model: {n_params:,} parameters, backend {backend}, device {device}, "
+           f"amp {str(amp_dtype).removeprefix('torch.') if use_amp else 'off'}{', compiled' if args.compile else ''}")
+    if ddp:
+        print0(f"torchrun: {world_size} processes ({dist.get_backend()}), each {train_split.num_samples:,} training "
+               f"images per epoch in steps of {args.batch_size}: effective batch size {world_size * args.batch_size}, "
+               f"{steps_per_epoch} steps per epoch, peak lr {args.lr:g}")
     if resume:
         at = f"epoch {start_epoch}" + (f", step {epoch_state['step']} of the next" if epoch_state else "")
-        print(f"resuming {args.resume} after {at} (best validation accuracy so far {best_val_acc:.2%})")
-    writer = SummaryWriter(os.path.join(args.log_dir, args.run_name), purge_step=start_epoch + 1 if resume else None)
-    print(f"TensorBoard: tensorboard --logdir {args.log_dir}   (run {args.run_name})")
-    resume_hint = f"continue with: python train.py --resume {last_path}"
+        print0(f"resuming {args.resume} after {at} (best validation accuracy so far {best_val_acc:.2%})")
+    writer = SummaryWriter(os.path.join(args.log_dir, args.run_name),
+                           purge_step=start_epoch + 1 if resume else None) if master else None
+    print0(f"TensorBoard: tensorboard --logdir {args.log_dir}   (run {args.run_name})")
+    resume_hint = f"continue with: {'torchrun <as before>' if ddp else 'python'} train.py --resume {last_path}"
 
-    with writer:
+    with writer or contextlib.nullcontext():
         try:
             with GracefulInterrupt() as stop:
                 for epoch in range(start_epoch + 1, args.epochs + 1):
                     if args.patience and epoch - 1 - best_epoch >= args.patience:
-                        print(f"early stop: no better validation accuracy for {args.patience} epochs")
+                        print0(f"early stop: no better validation accuracy for {args.patience} epochs")
                         break
                     train_metrics, epoch_state = train_one_epoch(
-                        model, train_split, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                        train_model, train_split, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                         criterion=criterion, autocast=autocast, args=args, epoch=epoch, stop=stop, resume=epoch_state)
                     if epoch_state:
-                        save_checkpoint(checkpoint(epoch - 1, epoch_state), last_path)
-                        print(f"interrupted in epoch {epoch} at step {epoch_state['step']}/{steps_per_epoch}: saved "
-                              f"{last_path}; {resume_hint}", file=sys.stderr)
+                        ckpt = checkpoint(epoch - 1, epoch_state)
+                        if master:
+                            save_checkpoint(ckpt, last_path)
+                        print0(f"interrupted in epoch {epoch} at step {epoch_state['step']}/{steps_per_epoch}: "
+                               f"saved {last_path}; {resume_hint}", file=sys.stderr)
                         return 130
                     val_loss, val_acc = evaluate(model, val_split, criterion, autocast, "validation")
                     if not math.isfinite(val_loss):
@@ -663,44 +804,48 @@ def train(args, given):
                                "lr": optimizer.param_groups[0]["lr"]}
                     for key in history:
                         history[key].append(metrics[key])
-                    # "loss/..." and "accuracy/..." put train and validation side by side in TensorBoard
-                    for name, value in [("loss/train", metrics["train_loss"]), ("loss/val", val_loss),
-                                        ("accuracy/train", metrics["train_acc"]), ("accuracy/val", val_acc),
-                                        ("lr", metrics["lr"]), ("images_per_sec", metrics["images_per_sec"])]:
-                        writer.add_scalar(name, value, epoch)
-                    writer.flush()
-
                     improved = val_acc > best_val_acc
                     if improved:
                         best_val_acc, best_epoch = val_acc, epoch
-                        save_checkpoint(checkpoint(epoch), args.out)
-                    save_checkpoint(checkpoint(epoch), last_path)
-                    plot_history(history, plot_path)
-                    print(f"epoch {epoch}/{args.epochs} | train loss {metrics['train_loss']:.4f} acc "
-                          f"{metrics['train_acc']:.2%} | val loss {val_loss:.4f} acc {val_acc:.2%} | lr "
-                          f"{metrics['lr']:.2e} | {metrics['images_per_sec']:,.0f} img/s"
-                          f"{' | best' if improved else ''}")
-                    if stop.requested:  # Ctrl-C at the very end of the epoch: it is saved whole
-                        print(f"interrupted after epoch {epoch}: saved {last_path}; {resume_hint}", file=sys.stderr)
+                    ckpt = checkpoint(epoch)
+                    if master:
+                        # "loss/..." and "accuracy/..." put train and validation side by side in TensorBoard
+                        for name, value in [("loss/train", metrics["train_loss"]), ("loss/val", val_loss),
+                                            ("accuracy/train", metrics["train_acc"]), ("accuracy/val", val_acc),
+                                            ("lr", metrics["lr"]), ("images_per_sec", metrics["images_per_sec"])]:
+                            writer.add_scalar(name, value, epoch)
+                        writer.flush()
+                        if improved:
+                            save_checkpoint(ckpt, args.out)
+                        save_checkpoint(ckpt, last_path)
+                        plot_history(history, plot_path)
+                    print0(f"epoch {epoch}/{args.epochs} | train loss {metrics['train_loss']:.4f} acc "
+                           f"{metrics['train_acc']:.2%} | val loss {val_loss:.4f} acc {val_acc:.2%} | lr "
+                           f"{metrics['lr']:.2e} | {metrics['images_per_sec']:,.0f} img/s"
+                           f"{' | best' if improved else ''}")
+                    # Ctrl-C at the very end of the epoch (on any rank): it is saved whole
+                    if sum_over_ranks([stop.requested], device)[0]:
+                        print0(f"interrupted after epoch {epoch}: saved {last_path}; {resume_hint}", file=sys.stderr)
                         return 130
         except torch.OutOfMemoryError:
             raise TrainingError(f"out of memory on {device}: lower --batch-size (now {args.batch_size}), or "
                                 f"--d-model / --num-blocks, or turn on --amp") from None
 
-        # the test set, once, with the weights that were best on validation
-        if not os.path.exists(args.out):
+        # the test set, once, with the weights that were best on validation (rank 0 reads them, all evaluate)
+        if master and not os.path.exists(args.out):
             raise UsageError(f"no best checkpoint at {args.out}: pass the --out of the run being resumed")
-        best = torch.load(args.out, map_location="cpu", weights_only=True)
-        raw_model.load_state_dict(best["model"])
+        best = torch.load(args.out, map_location="cpu", weights_only=True) if master else None
+        raw_model.load_state_dict(from_rank0(best["model"] if master else None))
         test_loss, test_acc = evaluate(model, test_split, criterion, autocast, "test")
-        best["metrics"].update(test_loss=test_loss, test_acc=test_acc)
-        save_checkpoint(best, args.out)
-        hparams = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in vars(args).items()}
-        writer.add_hparams({**hparams, "parameters": n_params},
-                           {"test/accuracy": test_acc, "test/loss": test_loss, "val/best_accuracy": best_val_acc},
-                           run_name=".", global_step=len(history["val_acc"]))  # ".": this run, beside its curves
-    print(f"test: loss {test_loss:.4f} acc {test_acc:.2%} with the weights of epoch {best_epoch} "
-          f"(validation acc {best_val_acc:.2%}) -> {args.out}, {last_path}, {plot_path}")
+        if master:
+            best["metrics"].update(test_loss=test_loss, test_acc=test_acc)
+            save_checkpoint(best, args.out)
+            hparams = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in vars(args).items()}
+            writer.add_hparams({**hparams, "parameters": n_params},
+                               {"test/accuracy": test_acc, "test/loss": test_loss, "val/best_accuracy": best_val_acc},
+                               run_name=".", global_step=len(history["val_acc"]))  # ".": this run, beside its curves
+    print0(f"test: loss {test_loss:.4f} acc {test_acc:.2%} with the weights of epoch {best_epoch} "
+           f"(validation acc {best_val_acc:.2%}) -> {args.out}, {last_path}, {plot_path}")
     return 0
 
 
@@ -723,11 +868,16 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
 
+    rank = os.environ.get("RANK")  # set by torchrun: say which process failed
+
     def fail(message, status):
-        print(f"error: {' '.join(str(message).split())}", file=sys.stderr)  # one line, however long
+        where = f" (rank {rank})" if rank else ""
+        print(f"error{where}: {' '.join(str(message).split())}", file=sys.stderr)  # one line, however long
         return status
     try:
         status = train(args, given_flags(parser, argv))
+        if dist.is_initialized():  # every rank got here (after an error torchrun ends the others)
+            dist.destroy_process_group()
     except UsageError as e:
         status = fail(e, 2)
     except TrainingError as e:

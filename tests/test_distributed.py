@@ -1,0 +1,172 @@
+"""
+train.py under torchrun: two CPU processes (gloo) on the tiny synthetic MNIST of test_train.py. A finished run
+writes one set of outputs whose numbers a single process reproduces from its checkpoint; checkpoints resume
+under another number of processes (saved at the end of an epoch) or exactly under the same (saved mid-epoch
+by Ctrl-C); a rank that fails ends the job. The GPU path (nccl, one GPU per process) is the same code with
+another backend and device, and is not run here.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import test_model
+import train
+from test_train import CURVES, PROC_ENV, TINY, data_dir, load, one_thread, run_main, scalars, train_cmd  # noqa: F401
+from vision_mamba2 import create_vision_mamba2_model
+
+EPOCHS = 2
+# 8 images per step and process: 16 steps per epoch, each a log step, so a Ctrl-C stops the next one
+DDP = ["--batch-size", "8", "--log-interval", "1"]
+
+
+def torchrun_cmd(data_dir, out_dir, *extra):
+    with socket.socket() as s:  # a free port for the rendezvous, so that runs never meet each other
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(port),
+            *train_cmd(data_dir, out_dir, *DDP, *extra)[1:]]
+
+
+def torchrun(data_dir, out_dir, *extra):
+    return subprocess.run(torchrun_cmd(data_dir, out_dir, *extra), capture_output=True, text=True, env=PROC_ENV,
+                          timeout=180)
+
+
+def epoch_lines(stdout):
+    return [line.split(" |")[0] for line in stdout.splitlines() if line.startswith("epoch ")]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(data_dir, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("ddp")
+    proc = torchrun(data_dir, out_dir, "--epochs", str(EPOCHS))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out_dir, proc
+
+
+def test_two_processes_equal_one_evaluating_their_checkpoint(ddp_run, data_dir, tmp_path):
+    out_dir, proc = ddp_run
+    assert "Traceback" not in proc.stderr
+    # rank 0 alone prints and writes: each epoch once, one set of files, one TensorBoard curve
+    assert epoch_lines(proc.stdout) == [f"epoch {e}/{EPOCHS}" for e in range(1, EPOCHS + 1)]
+    assert "torchrun: 2 processes (gloo)" in proc.stdout and "effective batch size 16" in proc.stdout
+    assert sorted(p.name for p in out_dir.iterdir()) == ["m.pth", "m_last.pth", "runs", "training_history.png"]
+    assert [step for step, _ in scalars(out_dir / "runs" / "tiny")["loss/val"]] == list(range(1, EPOCHS + 1))
+
+    best, last = load(out_dir / "m.pth"), load(out_dir / "m_last.pth")
+    assert last["epoch"] == EPOCHS and last["epoch_state"] is None and len(last["other_ranks"]) == 1
+    assert not [key for key in best["model"] if key.startswith("module.")]  # the model, not its DDP wrapper
+
+    # one process evaluates the checkpoint on the same validation and test splits
+    model = create_vision_mamba2_model(**best["config"])
+    model.load_state_dict(best["model"])
+    saved = best["args"]
+    loaders = train.get_mnist_dataloaders(data_dir=data_dir, batch_size=saved["batch_size"],
+                                          val_size=saved["val_size"], seed=saved["seed"])
+    criterion = nn.CrossEntropyLoss(label_smoothing=saved["label_smoothing"])
+    for loader, key in [(loaders[1], "val"), (loaders[2], "test")]:
+        split = train.DeviceSplit(loader, torch.device("cpu"), **best["normalization"])
+        loss, acc = train.evaluate(model, split, criterion, contextlib.nullcontext, key)
+        assert acc == best["metrics"][f"{key}_acc"], key
+        assert loss == pytest.approx(best["metrics"][f"{key}_loss"], rel=1e-5), key
+
+    # and so does test_model.py
+    with pytest.raises(SystemExit) as exit_info:
+        test_model.main(["--checkpoint", str(out_dir / "m.pth"), "--data-dir", str(data_dir),
+                         "--out-dir", str(tmp_path), "--device", "cpu"])
+    assert exit_info.value.code == 0
+    assert json.loads((tmp_path / "metrics.json").read_text())["accuracy"] == best["metrics"]["test_acc"]
+
+
+def test_epoch_end_checkpoint_resumes_in_one_process(ddp_run, data_dir, tmp_path):
+    shutil.copytree(ddp_run[0], tmp_path, dirs_exist_ok=True)
+    assert run_main([*TINY, *DDP, "--data-dir", data_dir, "--out", tmp_path / "m.pth", "--log-dir", tmp_path / "runs",
+                     "--run-name", "tiny", "--resume", tmp_path / "m_last.pth", "--epochs", EPOCHS + 1]) == 0
+    after = load(tmp_path / "m_last.pth")
+    assert after["epoch"] == EPOCHS + 1 and after["other_ranks"] == []
+    assert after["history"]["train_loss"][:EPOCHS] == load(ddp_run[0] / "m_last.pth")["history"]["train_loss"]
+    # one process takes twice the steps per epoch; the schedule went on from where the two left it, so the
+    # last step ends the cosine decay
+    assert after["history"]["lr"][-1] == 0.0
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process")
+def test_ctrl_c_stops_every_rank_and_resume_is_exact(ddp_run, data_dir, tmp_path, capsys):
+    # Ctrl-C in a terminal reaches torchrun, which passes SIGINT on to every rank
+    proc = subprocess.Popen(torchrun_cmd(data_dir, tmp_path, "--epochs", str(EPOCHS)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=PROC_ENV)
+    err = b""
+    while f"epoch 2/{EPOCHS}".encode() not in err:  # rank 0's progress bar of epoch 2 has appeared
+        chunk = os.read(proc.stderr.fileno(), 1 << 16)
+        assert chunk, f"the run ended before epoch 2: {err[-3000:]}"
+        err += chunk
+    proc.send_signal(signal.SIGINT)
+    out, rest = proc.communicate(timeout=120)
+    err = (err + rest).decode()
+    assert proc.returncode != 0  # torchrun reports the interrupted ranks' exit status 130 as a failure
+    assert err.count("interrupted in epoch 2 at step ") == 1 and "--resume" in err
+    interrupted = load(tmp_path / "m_last.pth")
+    assert interrupted["epoch"] == 1 and 1 <= interrupted["epoch_state"]["step"] < 16
+    assert interrupted["other_ranks"][0]["epoch_state"]["step"] == interrupted["epoch_state"]["step"]
+
+    # mid-epoch, each rank's place in its share of the data is saved: another number of processes is refused
+    argv = [*TINY, *DDP, "--data-dir", data_dir, "--out", tmp_path / "m.pth", "--resume", tmp_path / "m_last.pth"]
+    assert run_main(argv) == 2
+    err1 = capsys.readouterr().err
+    assert err1.count("\n") == 1 and "saved in the middle of an epoch by 2 process(es)" in err1
+
+    proc = torchrun(data_dir, tmp_path, "--resume", str(tmp_path / "m_last.pth"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert epoch_lines(proc.stdout) == [f"epoch 2/{EPOCHS}"]
+    resumed, uninterrupted = load(tmp_path / "m_last.pth")["history"], load(ddp_run[0] / "m_last.pth")["history"]
+    for key in CURVES:
+        assert resumed[key] == uninterrupted[key], key
+    assert load(tmp_path / "m.pth")["metrics"]["test_acc"] == load(ddp_run[0] / "m.pth")["metrics"]["test_acc"]
+
+
+@pytest.mark.parametrize("on_device", [True, False], ids=["DeviceSplit", "LoaderSplit"])
+def test_each_rank_gets_its_own_part_of_every_split(data_dir, on_device):
+    def splits(**shard):  # as a process of torchrun builds them (DistributedSampler needs no process group here)
+        loaders = train.get_mnist_dataloaders(data_dir=data_dir, batch_size=8, val_size=50, max_train_samples=249,
+                                              **shard)
+        cpu = torch.device("cpu")
+        return [train.DeviceSplit(dl, cpu, 0.1307, 0.3081) if on_device else train.LoaderSplit(dl, cpu)
+                for dl in loaders]
+
+    def images(split, epoch=None):  # each image's bytes, in the order the split gives them
+        generator = None if epoch is None else torch.Generator().manual_seed(epoch)
+        return [x_i.numpy().tobytes() for x, _ in split.batches(generator) for x_i in x]
+
+    whole, ranks = splits(), [splits(rank=r, world_size=2) for r in range(2)]
+    # training: in every epoch the ranks take disjoint halves of one shuffle, 249 // 2 images and as many steps each
+    train0, train1 = ranks[0][0], ranks[1][0]
+    assert train0.num_samples == train1.num_samples == 124 and train0.num_batches == train1.num_batches == 16
+    for epoch in (1, 2):
+        part0, part1 = set(images(train0, epoch)), set(images(train1, epoch))
+        assert len(part0) == len(part1) == 124 and not part0 & part1 and part0 | part1 <= set(images(whole[0], 1))
+    assert set(images(train0, 1)) != set(images(train0, 2))  # reshuffled every epoch
+    # evaluation: the two slices hold every image exactly once
+    for i in (1, 2):
+        assert sorted(images(ranks[0][i]) + images(ranks[1][i])) == sorted(images(whole[i]))
+        assert ranks[0][i].num_samples + ranks[1][i].num_samples == whole[i].num_samples
+
+
+def test_a_failing_rank_ends_the_job(data_dir, tmp_path):
+    # rank 0 cannot write its first checkpoint (--out lies under a file) while rank 1 goes on to epoch 2
+    (tmp_path / "file").write_text("")
+    proc = subprocess.run(torchrun_cmd(data_dir, tmp_path, "--epochs", str(EPOCHS), "--out",
+                                       str(tmp_path / "file" / "m.pth")),
+                          capture_output=True, text=True, env=PROC_ENV, timeout=180)
+    assert proc.returncode != 0
+    assert "error (rank 0): " in proc.stderr and str(tmp_path / "file") in proc.stderr
+    assert "epoch 2/2 |" not in proc.stdout

@@ -57,8 +57,9 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
     dt = dt.clamp(dt_limit[0], dt_limit[1])
 
     # Balanced chunks: c = ceil(l / chunk_size) chunks of equal size q <= chunk_size, so at most c - 1
-    # padded steps (chunk_size 256: 196 -> one chunk of 196, 784 -> four of 196). Padded steps have dt = 0: no decay and
-    # no input, so neither the outputs nor the final state change. The chunking never changes the math.
+    # padded steps (chunk_size 64: 196 -> 4 chunks of 49, 784 -> 13 of 61). Padded steps have dt = 0:
+    # no decay and no input, so neither the outputs nor the final state change. The chunk size never
+    # changes the math, only the speed.
     c = math.ceil(l / chunk_size)
     q = math.ceil(l / c)
     pad = c * q - l
@@ -76,7 +77,7 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
 
     # 2. Each chunk's final state from its own inputs (right factor of the off-diagonal blocks)
     decay_states = rearrange(torch.exp(dA_cs[..., -1:] - dA_cs), "b g r c s -> b g c s r 1")
-    states = rearrange(xdt * decay_states, "b g c s r p -> b g c (r p) s") @ Bc[:, :, :]  # (b, g, c, rp, n)
+    states = rearrange(xdt * decay_states, "b g c s r p -> b g c (r p) s") @ Bc  # (b, g, c, rp, n)
 
     # 3. Inter-chunk recurrence: the true state at every chunk boundary (middle factor)
     states = rearrange(states, "b g c (r p) n -> b g r c p n", p=p)

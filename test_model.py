@@ -39,11 +39,13 @@ from tqdm import tqdm
 
 import train
 from train import UsageError
-from vision_mamba2 import VisionMamba2, VisionMamba2Config, resolve_backend
+from vision_mamba2 import SequentialMamba2, SequentialMamba2Config, VisionMamba2, VisionMamba2Config, resolve_backend
 
-# the checkpoint's args["task"] -> (config class, model class). Checkpoints without a task are image classifiers;
-# another task (sequential MNIST, say) adds its entry here, with a model that takes the same (B, 1, 28, 28) images
-TASKS = {"image": (VisionMamba2Config, VisionMamba2)}
+# the checkpoint's args["task"] -> (config class, model class), all taking the same (B, 1, 28, 28) images.
+# Checkpoints without a task are image classifiers; psMNIST's pixel order is in its config and its weights
+TASKS = {"image": (VisionMamba2Config, VisionMamba2),
+         "smnist": (SequentialMamba2Config, SequentialMamba2),
+         "psmnist": (SequentialMamba2Config, SequentialMamba2)}
 CHECKPOINT_KEYS = ("model", "config", "args", "dataset", "normalization")  # what every train.py checkpoint has
 
 
@@ -229,8 +231,9 @@ def evaluate(args):
     classes = test.classes
 
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"checkpoint {args.checkpoint}: epoch {ckpt.get('epoch', '?')}, trained on {trained_on}, "
-          f"{n_params:,} parameters, backend {resolve_backend(model.config.backend, device)}, device {device}")
+    print(f"checkpoint {args.checkpoint}: task {ckpt['args'].get('task', 'image')}, epoch {ckpt.get('epoch', '?')}, "
+          f"trained on {trained_on}, {n_params:,} parameters, backend {resolve_backend(model.config.backend, device)}, "
+          f"device {device}")
     try:
         probs, labels = predict(model, split)
     except torch.OutOfMemoryError:
@@ -276,7 +279,8 @@ def evaluate(args):
               f"no mistakes on the {len(labels):,} test images",
               paths["confident_mistakes.png"])
 
-    report = {"checkpoint": {"path": args.checkpoint, "epoch": ckpt.get("epoch"), "trained_on": trained_on},
+    report = {"checkpoint": {"path": args.checkpoint, "task": ckpt["args"].get("task", "image"),
+                             "epoch": ckpt.get("epoch"), "trained_on": trained_on},
               "dataset": dataset, **metrics}
     train.atomic_write(paths["metrics.json"], lambda f: f.write(json.dumps(report, indent=2).encode()))
     print(f"wrote {', '.join(paths.values())}")

@@ -5,6 +5,7 @@ Train Vision Mamba 2 on MNIST (or Fashion-MNIST).
     python train.py --dataset fashion-mnist --epochs 30
     python train.py --resume vision_mamba2_mnist_last.pth   # after Ctrl-C or a crash: carries on exactly
     torchrun --nproc_per_node=4 train.py              # 4 GPUs (DistributedDataParallel; on CPU: 4 processes)
+    python train.py --task psmnist                    # sequential MNIST: one pixel per step, in a fixed random order
 
 The whole dataset split lives on the device as one uint8 tensor; shuffling, batching and augmentation
 (a random affine warp via affine_grid + grid_sample) happen there, so the hot loop never touches PIL or
@@ -50,7 +51,8 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision import datasets, transforms
 from tqdm import tqdm
 
-from vision_mamba2 import BACKENDS, SCANS, VisionMamba2Config, create_vision_mamba2_model, resolve_backend
+from vision_mamba2 import (BACKENDS, READOUTS, SCANS, SequentialMamba2, SequentialMamba2Config, VisionMamba2Config,
+                           create_vision_mamba2_model, resolve_backend)
 
 
 class UsageError(Exception):
@@ -112,6 +114,19 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+# The sequential tasks' own defaults, taken when the flag is not on the command line. Not yet measured on a full
+# run (that needs a GPU). No augmentation: a warp would move pixels to other steps of the sequence.
+SEQUENCE_DEFAULTS = {"d_model": SequentialMamba2Config.d_model, "num_blocks": SequentialMamba2Config.num_blocks,
+                     "d_state": SequentialMamba2Config.d_state, "headdim": SequentialMamba2Config.headdim,
+                     "lr": 2e-3, "epochs": 30, "aug_translate": 0.0, "aug_rotate": 0.0, "aug_scale": 0.0}
+TASK_DEFAULTS = {"image": {},
+                 "smnist": {**SEQUENCE_DEFAULTS, "out": "vision_mamba2_smnist.pth"},
+                 "psmnist": {**SEQUENCE_DEFAULTS, "out": "vision_mamba2_psmnist.pth"}}
+# flags that mean something only for some tasks: giving one to another task is an error
+TASK_FLAGS = {"scan": ("image",), "aug_translate": ("image",), "aug_rotate": ("image",), "aug_scale": ("image",),
+              "readout": ("smnist", "psmnist"), "permutation_seed": ("psmnist",)}
+
+
 def build_parser():
     model_defaults = VisionMamba2Config()  # the architecture's defaults live in vision_mamba2.py
     p = Parser(
@@ -128,6 +143,16 @@ def build_parser():
                "(Ctrl-C) under as many as saved it.")
 
     g = p.add_argument_group("data")
+    seq = SEQUENCE_DEFAULTS
+    g.add_argument("--task", choices=list(TASK_DEFAULTS), default="image",
+                   help="image: the 2-D Vision Mamba 2 classifier; smnist: sequential MNIST, a causal Mamba-2 reads "
+                        "each image one pixel per step (784 steps, row by row); psmnist: the same in a fixed random "
+                        "pixel order. The sequential tasks have their own defaults (not yet measured on a full "
+                        f"run): --d-model {seq['d_model']} --num-blocks {seq['num_blocks']} --d-state "
+                        f"{seq['d_state']} --headdim {seq['headdim']} --lr {seq['lr']:g} --epochs {seq['epochs']}, "
+                        "no augmentation, --out vision_mamba2_<task>.pth (default: image)")
+    g.add_argument("--permutation-seed", type=int_at_least(0), default=0,
+                   help="psmnist: seeds the pixel order, which is stored in the checkpoint")
     g.add_argument("--dataset", choices=list(DATASETS), default="mnist",
                    help="which torchvision dataset; both have 10 classes of 28x28 grey images")
     g.add_argument("--data-dir", default="./data",
@@ -144,7 +169,8 @@ def build_parser():
     g.add_argument("--num-workers", type=int_at_least(0), default=0,
                    help="DataLoader worker processes (used with --no-data-on-device)")
 
-    g = p.add_argument_group("augmentation (random affine warp of each training image, on the device; 0 = off)")
+    g = p.add_argument_group("augmentation (random affine warp of each training image, on the device; 0 = off; "
+                             "image task only)")
     g.add_argument("--aug-translate", type=float_in(0, 14), default=2.0,
                    help="maximum shift in pixels: digits are centred by their centre of mass, so a couple of "
                         "pixels covers how far test digits stray")
@@ -167,6 +193,9 @@ def build_parser():
     g.add_argument("--scan", choices=list(SCANS), default=model_defaults.scan,
                    help="directions each block reads the 14x14 token grid in: uni (1), bi (2, forward and "
                         "backward, so every token sees the whole image), cross (4, rows and columns)")
+    g.add_argument("--readout", choices=list(READOUTS), default=SequentialMamba2Config.readout,
+                   help="smnist/psmnist: what the classifier head sees, the mean of every step's features or the "
+                        "last step's")
     g.add_argument("--dropout", type=float_in(0, 1, hi_open=True), default=model_defaults.dropout,
                    help="dropout in the classifier head")
     g.add_argument("--backend", choices=list(BACKENDS), default=model_defaults.backend,
@@ -359,6 +388,10 @@ class LoaderSplit:
                 for x, y in itertools.islice(self.loader, start, None))
 
 
+def augments(args):
+    return args.aug_translate > 0 or args.aug_rotate > 0 or args.aug_scale > 0
+
+
 def random_affine(x, generator, *, translate, rotate, scale, fill):
     """Randomly shift (pixels), rotate (degrees) and zoom (fraction) each image of a batch, on its device."""
     # x : (B, C, H, W) normalized; fill: the normalized value of a black pixel
@@ -542,7 +575,7 @@ def train_one_epoch(model, split, *, optimizer, scheduler, scaler, criterion, au
         generator.manual_seed(seed * 1_000_003 + rank)
 
     _, mean, std = DATASETS[args.dataset]
-    augment = args.aug_translate > 0 or args.aug_rotate > 0 or args.aug_scale > 0
+    augment = augments(args)
     # running sums stay on the device: reading them is a host sync, done only every log_interval steps
     loss_sum = torch.tensor(resume["loss_sum"] if resume else 0.0, device=device)
     correct = torch.tensor(resume["correct"] if resume else 0, device=device)
@@ -620,12 +653,13 @@ def evaluate(model, split, criterion, autocast, desc):
     return loss_total / n, correct_total / n
 
 
-def plot_history(history, path):
+def plot_history(history, path, *, augmented):
     epochs = range(1, len(history["train_loss"]) + 1)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, scale, title in [(ax_loss, "loss", 1, "loss (with label smoothing)"),
                                   (ax_acc, "acc", 100, "accuracy (%)")]:
-        ax.plot(epochs, [scale * v for v in history[f"train_{key}"]], "o-", label="train (augmented)")
+        ax.plot(epochs, [scale * v for v in history[f"train_{key}"]], "o-",
+                label="train (augmented)" if augmented else "train")
         ax.plot(epochs, [scale * v for v in history[f"val_{key}"]], "o-", label="validation")
         ax.set(xlabel="epoch", title=title)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -640,8 +674,17 @@ def train(args, given):
     """The whole run; returns the exit status (0, or 130 after Ctrl-C). `given`: the flags on the command line."""
     resume = load_checkpoint(args.resume) if args.resume else None
     if resume:
-        merge_resume_args(args, resume["args"], given)
-    args.run_name = args.run_name or f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        merge_resume_args(args, {"task": "image", **resume["args"]}, given)  # checkpoints without a task: image
+    else:
+        for key, value in TASK_DEFAULTS[args.task].items():
+            if key not in given:
+                setattr(args, key, value)
+    for key in sorted(given & TASK_FLAGS.keys()):
+        if args.task not in TASK_FLAGS[key]:
+            raise UsageError(f"--{key.replace('_', '-')} applies only to --task {' or '.join(TASK_FLAGS[key])}, "
+                             f"not to {args.task}")
+    task = "" if args.task == "image" else f"{args.task}-"
+    args.run_name = args.run_name or f"{task}{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     device = resolve_device(args.device)
     ddp = int(os.environ.get("RANK", -1)) != -1  # started by torchrun: one process per GPU
     if ddp:
@@ -706,11 +749,17 @@ def train(args, given):
     image_shape = tuple(loaders[0].dataset[0][0].shape)  # (C, H, W)
 
     # model: the architecture flags, plus what the data dictates
+    common = dict(in_chans=image_shape[0], num_classes=len(loaders[2].dataset.classes), d_model=args.d_model,
+                  num_blocks=args.num_blocks, d_state=args.d_state, headdim=args.headdim, expand=args.expand,
+                  dropout=args.dropout, backend=args.backend)
     try:
-        raw_model = create_vision_mamba2_model(
-            img_size=image_shape[-1], in_chans=image_shape[0], num_classes=len(loaders[2].dataset.classes),
-            d_model=args.d_model, num_blocks=args.num_blocks, d_state=args.d_state, headdim=args.headdim,
-            expand=args.expand, scan=args.scan, dropout=args.dropout, backend=args.backend).to(device)
+        if args.task == "image":
+            raw_model = create_vision_mamba2_model(img_size=image_shape[-1], scan=args.scan, **common)
+        else:
+            raw_model = SequentialMamba2(SequentialMamba2Config(
+                seq_len=image_shape[1] * image_shape[2], readout=args.readout,
+                permutation_seed=args.permutation_seed if args.task == "psmnist" else None, **common))
+        raw_model = raw_model.to(device)
     except (ValueError, RuntimeError) as e:
         raise UsageError(f"invalid model configuration: {e}") from None
     model = torch.compile(raw_model) if args.compile else raw_model
@@ -765,6 +814,10 @@ def train(args, given):
     print0(f"{args.dataset}: {len(loaders[0].dataset):,} train / {len(loaders[1].dataset):,} validation / "
            f"{len(loaders[2].dataset):,} test images, "
            f"{'on ' + str(device) if args.data_on_device else 'DataLoaders'}")
+    if args.task != "image":
+        order = ("row-major order" if args.task == "smnist" else
+                 f"the order of --permutation-seed {args.permutation_seed}")
+        print0(f"task {args.task}: {raw_model.config.seq_len} pixels per image, one per step, in {order}")
     print0(f"model: {n_params:,} parameters, backend {backend}, device {device}, "
            f"amp {str(amp_dtype).removeprefix('torch.') if use_amp else 'off'}{', compiled' if args.compile else ''}")
     if ddp:
@@ -818,7 +871,7 @@ def train(args, given):
                         if improved:
                             save_checkpoint(ckpt, args.out)
                         save_checkpoint(ckpt, last_path)
-                        plot_history(history, plot_path)
+                        plot_history(history, plot_path, augmented=augments(args))
                     print0(f"epoch {epoch}/{args.epochs} | train loss {metrics['train_loss']:.4f} acc "
                            f"{metrics['train_acc']:.2%} | val loss {val_loss:.4f} acc {val_acc:.2%} | lr "
                            f"{metrics['lr']:.2e} | {metrics['images_per_sec']:,.0f} img/s"

@@ -10,6 +10,12 @@ Two backends, one set of weights. On CUDA with mamba-ssm installed, the official
 (fused with causal-conv1d when its CUDA extension is there); everywhere else the pure-PyTorch twin in
 mamba2_torch.py. The choice is made per forward pass from the tensor's device, so a model moves freely
 between CPU and GPU. `python vision_mamba2.py` checks the architecture.
+
+Sequential MNIST (sMNIST, and psMNIST with a fixed random pixel order): SequentialMamba2 reads the same
+images one pixel per step, causally, with the same Mamba-2 mixer:
+
+    image (B, 1, 28, 28) -> (B, 784, 1) pixels in row-major order (psMNIST: then a fixed permutation)
+    -> Linear(1, D) -> num_blocks x pre-norm residual Mamba-2 -> LayerNorm -> mean or last step -> MLP head
 """
 
 import argparse
@@ -31,8 +37,44 @@ SCANS = {"uni": 1, "bi": 2, "cross": 4}  # scan mode -> number of directions
 BACKENDS = ("auto", "official", "portable")
 
 
+READOUTS = ("mean", "last")  # SequentialMamba2's summary of the sequence: average over all steps, or the last
+
+
+class ModelConfig:
+    """What the model configs share: reading one back from a checkpoint, and the checks of the Mamba-2 mixer."""
+
+    @classmethod
+    def from_dict(cls, d):
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}: written by another version of this code?")
+        return cls(**d)
+
+    def validate(self):
+        """Raise ValueError naming the numbers to change if this model cannot be built."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type is int and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{f.name} must be a positive integer, got {value!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        d_inner = self.d_model * self.expand
+        if d_inner % self.headdim:
+            raise ValueError(f"d_model*expand = {d_inner} must be divisible by headdim = {self.headdim}")
+        if (d_inner // self.headdim) % self.ngroups:
+            raise ValueError(f"the number of heads d_model*expand/headdim = {d_inner // self.headdim} "
+                             f"must be divisible by ngroups = {self.ngroups}")
+        conv_dim = d_inner + 2 * self.ngroups * self.d_state
+        if self.backend != "portable" and conv_dim % 8:
+            # causal-conv1d's channels-last kernel, used by the official fused path, requires it
+            raise ValueError(f"the official kernels need d_model*expand + 2*ngroups*d_state = {conv_dim} to be a "
+                             f"multiple of 8: change d_model, expand, ngroups or d_state, or use backend='portable'")
+
+
 @dataclass
-class VisionMamba2Config:
+class VisionMamba2Config(ModelConfig):
     img_size: int = 28
     in_chans: int = 1
     num_classes: int = 10
@@ -49,38 +91,40 @@ class VisionMamba2Config:
     dropout: float = 0.1  # in the classifier head
     backend: str = "auto"
 
-    @classmethod
-    def from_dict(cls, d):
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown model config keys {sorted(unknown)}: written by another version of this code?")
-        return cls(**d)
-
     def validate(self):
-        """Raise ValueError naming the numbers to change if this model cannot be built."""
-        for name in ("img_size", "in_chans", "num_classes", "patch_size", "d_model", "num_blocks", "d_state",
-                     "d_conv", "expand", "headdim", "ngroups", "chunk_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.scan not in SCANS:
             raise ValueError(f"scan must be one of {list(SCANS)}, got {self.scan!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        super().validate()
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} must be divisible by patch_size {self.patch_size}")
-        d_inner = self.d_model * self.expand
-        if d_inner % self.headdim:
-            raise ValueError(f"d_model*expand = {d_inner} must be divisible by headdim = {self.headdim}")
-        if (d_inner // self.headdim) % self.ngroups:
-            raise ValueError(f"the number of heads d_model*expand/headdim = {d_inner // self.headdim} "
-                             f"must be divisible by ngroups = {self.ngroups}")
-        conv_dim = d_inner + 2 * self.ngroups * self.d_state
-        if self.backend != "portable" and conv_dim % 8:
-            # causal-conv1d's channels-last kernel, used by the official fused path, requires it
-            raise ValueError(f"the official kernels need d_model*expand + 2*ngroups*d_state = {conv_dim} to be a "
-                             f"multiple of 8: change d_model, expand, ngroups or d_state, or use backend='portable'")
+
+
+@dataclass
+class SequentialMamba2Config(ModelConfig):
+    # defaults for sMNIST on a GPU, not yet measured on a full run
+    seq_len: int = 784  # pixels per image, read one per step
+    in_chans: int = 1  # values per step
+    num_classes: int = 10
+    d_model: int = 128
+    num_blocks: int = 4
+    d_state: int = 64  # a long sequence: more state than the image model's 196 tokens need
+    d_conv: int = 4
+    expand: int = 2
+    headdim: int = 32
+    ngroups: int = 1
+    chunk_size: int = 64
+    dropout: float = 0.1  # in the classifier head
+    backend: str = "auto"
+    readout: str = "mean"  # what the head sees: the mean over all steps, or the last step
+    permutation_seed: int | None = None  # None: pixels in row-major order (sMNIST); a seed: a fixed shuffle (psMNIST)
+
+    def validate(self):
+        if self.readout not in READOUTS:
+            raise ValueError(f"readout must be one of {list(READOUTS)}, got {self.readout!r}")
+        seed = self.permutation_seed
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+            raise ValueError(f"permutation_seed must be None (row-major order) or an integer >= 0, got {seed!r}")
+        super().validate()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -237,6 +281,80 @@ class VisionMamba2(nn.Module):
         for block in self.blocks:
             x = block(x)
         x = self.norm(rearrange(x, "b d h w -> b (h w) d")).mean(dim=1)  # (B, D)
+        return self.head(x)  # (B, num_classes)
+
+
+def pixel_permutation(seq_len, seed):
+    """The order (seq_len,) in which SequentialMamba2 reads the pixels: row-major for seed None, else a fixed
+    shuffle drawn from a CPU generator seeded with `seed` (so the same whatever device the model runs on)."""
+    if seed is None:
+        return torch.arange(seq_len)
+    return torch.randperm(seq_len, generator=torch.Generator().manual_seed(seed))
+
+
+class ResidualMamba2Block(nn.Module):
+    """Pre-norm residual Mamba-2 block on a sequence: (B, L, D) -> (B, L, D), causal (a step sees only
+    itself and the steps before it: Mamba-2's convolution and scan both look back only)."""
+
+    def __init__(self, *, dim, d_state=64, d_conv=4, expand=2, headdim=32, ngroups=1, chunk_size=64,
+                 backend="auto"):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.mixer = Mamba2Mixer(d_model=dim, d_state=d_state, d_conv=d_conv, expand=expand, headdim=headdim,
+                                 ngroups=ngroups, chunk_size=chunk_size, backend=backend)
+
+    def forward(self, x):
+        # x : (B, L, D)
+        return x + self.mixer(self.norm(x))
+
+
+class SequentialMamba2(nn.Module):
+    """Sequential MNIST: the image model's (B, in_chans, H, W) input read one pixel per step, H*W = seq_len."""
+
+    def __init__(self, config):
+        super().__init__()
+        config.validate()
+        if config.backend == "official":
+            resolve_backend("official", "cuda")  # fail now, not at the first forward, if it can't run here
+        self.config = c = config
+        # persistent: the checkpoint keeps the order the weights were trained on, and loading checks it (below)
+        self.register_buffer("permutation", pixel_permutation(c.seq_len, c.permutation_seed))  # (L,)
+        self.embed = nn.Linear(c.in_chans, c.d_model)
+        self.blocks = nn.ModuleList(
+            ResidualMamba2Block(dim=c.d_model, d_state=c.d_state, d_conv=c.d_conv, expand=c.expand,
+                                headdim=c.headdim, ngroups=c.ngroups, chunk_size=c.chunk_size, backend=c.backend)
+            for _ in range(c.num_blocks))
+        self.norm = nn.LayerNorm(c.d_model)
+        self.head = nn.Sequential(nn.Linear(c.d_model, c.d_model), nn.GELU(), nn.Dropout(c.dropout),
+                                  nn.Linear(c.d_model, c.num_classes))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        saved = state_dict.get(prefix + "permutation")
+        if saved is not None and not torch.equal(saved.cpu(), self.permutation.cpu()):
+            error_msgs.append(f"the checkpoint's pixel order is not the one permutation_seed "
+                              f"{self.config.permutation_seed} gives here: the weights were trained on another "
+                              f"permutation (or this torch draws randperm differently)")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def features(self, x):
+        """Per-step features (B, L, D) after the blocks: step t depends only on the pixels read at steps <= t."""
+        # x : (B, in_chans, H, W)
+        c = self.config
+        if x.dim() != 4 or x.shape[1] != c.in_chans or x.shape[2] * x.shape[3] != c.seq_len:
+            raise ValueError(f"expected input of shape (B, {c.in_chans}, H, W) with H*W = seq_len = {c.seq_len}, "
+                             f"got {tuple(x.shape)}")
+        x = rearrange(x, "b c h w -> b (h w) c")[:, self.permutation]  # (B, L, C), in reading order
+        x = self.embed(x)  # (B, L, D)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def forward(self, x):
+        # x : (B, in_chans, H, W)
+        x = self.norm(self.features(x))  # (B, L, D)
+        x = x.mean(dim=1) if self.config.readout == "mean" else x[:, -1]  # (B, D)
         return self.head(x)  # (B, num_classes)
 
 

@@ -1,0 +1,150 @@
+"""Sequential MNIST: the pixel-by-pixel Mamba-2 classifier (shapes, causality, the pixel order, config errors), and
+train.py --task smnist/psmnist with test_model.py end to end on test_train.py's synthetic IDX files."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import test_model
+import train
+from test_train import PROC_ENV, REPO, data_dir, load, one_thread  # noqa: F401 (fixtures)
+from vision_mamba2 import SequentialMamba2, SequentialMamba2Config, pixel_permutation
+
+TINY = dict(d_model=16, num_blocks=2, d_state=8, headdim=8, dropout=0.0)
+TINY_FLAGS = ["--d-model", "16", "--num-blocks", "1", "--d-state", "16", "--headdim", "8", "--batch-size", "32",
+              "--val-size", "50", "--device", "cpu", "--seed", "0", "--log-interval", "3"]
+
+
+def model(**overrides):
+    torch.manual_seed(0)
+    return SequentialMamba2(SequentialMamba2Config(**{**TINY, **overrides}))
+
+
+@pytest.mark.parametrize("readout", ["mean", "last"])
+@pytest.mark.parametrize("permutation_seed", [None, 0])
+def test_forward_backward_shapes(readout, permutation_seed):
+    m = model(readout=readout, permutation_seed=permutation_seed)
+    x = torch.randn(3, 1, 28, 28)
+    assert m.features(x).shape == (3, 784, 16)
+    logits = m(x)
+    assert logits.shape == (3, 10)
+    logits.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+@pytest.mark.parametrize("permutation_seed", [None, 0])
+def test_changing_a_pixel_changes_nothing_before_its_step(permutation_seed):
+    m = model(permutation_seed=permutation_seed).eval()
+    x = torch.randn(2, 1, 28, 28)
+    step_of_pixel = m.permutation.argsort()  # image pixel (row-major) -> the step that reads it
+    with torch.no_grad():
+        before = m.features(x)
+        for pixel in (0, 300, 783):
+            t = int(step_of_pixel[pixel])
+            y = x.clone()
+            y.view(2, -1)[:, pixel] += 3.0
+            after = m.features(y)
+            assert torch.equal(after[:, :t], before[:, :t]), f"pixel {pixel} (step {t}) changed earlier steps"
+            assert not torch.allclose(after[:, t], before[:, t])  # ...and it is read at its own step
+
+
+def test_the_pixel_order_is_a_fixed_bijection():
+    perm = pixel_permutation(784, 0)
+    assert sorted(perm.tolist()) == list(range(784))
+    # pinned: a torch that draws randperm differently fails here, as loading a psMNIST checkpoint would
+    assert perm[:8].tolist() == [60, 361, 167, 578, 107, 772, 313, 626]
+    assert torch.equal(perm, pixel_permutation(784, 0))
+    assert not torch.equal(perm, pixel_permutation(784, 1))
+    assert torch.equal(pixel_permutation(784, None), torch.arange(784))  # sMNIST: row-major
+
+    # psMNIST reads the image as sMNIST reads the image with its pixels moved into the permuted order
+    ps, s = model(permutation_seed=0), model(permutation_seed=None)
+    s.load_state_dict({k: v for k, v in ps.state_dict().items() if k != "permutation"}, strict=False)
+    x = torch.randn(2, 1, 28, 28)
+    shuffled = x.view(2, 1, -1)[:, :, perm].view(2, 1, 28, 28)
+    torch.testing.assert_close(ps.features(x), s.features(shuffled), rtol=0, atol=0)
+
+
+def test_weights_load_only_into_the_same_pixel_order():
+    state = model(permutation_seed=0).state_dict()
+    assert torch.equal(state["permutation"], pixel_permutation(784, 0))  # saved with the weights
+    model(permutation_seed=0).load_state_dict(state)
+    with pytest.raises(RuntimeError, match="pixel order is not the one permutation_seed 1 gives"):
+        model(permutation_seed=1).load_state_dict(state)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(readout="max"), "readout must be one of"),
+    (dict(permutation_seed=-1), "permutation_seed must be None"),
+    (dict(permutation_seed="0"), "permutation_seed must be None"),
+    (dict(headdim=12), "must be divisible by headdim"),
+    (dict(seq_len=0), "seq_len must be a positive integer"),
+    (dict(backend="cuda"), "backend must be one of"),
+])
+def test_impossible_configs_say_what_to_change(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        model(**overrides)
+
+
+def test_wrong_inputs_and_unknown_keys():
+    with pytest.raises(ValueError, match=r"H\*W = seq_len = 784"):
+        model()(torch.randn(2, 1, 14, 14))
+    assert SequentialMamba2Config.from_dict({"readout": "last"}).readout == "last"
+    with pytest.raises(ValueError, match="unknown model config keys"):
+        SequentialMamba2Config.from_dict({"readout": "last", "scan": "bi"})
+
+
+def run(script, *argv):
+    return subprocess.run([sys.executable, str(REPO / script), *map(str, argv)], capture_output=True, text=True,
+                          env=PROC_ENV, timeout=300)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--task", "smnist", "--scan", "bi"], "--scan applies only to --task image, not to smnist"),
+    (["--task", "psmnist", "--aug-rotate", "5"], "--aug-rotate applies only to --task image"),
+    (["--readout", "last"], "--readout applies only to --task smnist or psmnist, not to image"),
+    (["--task", "smnist", "--permutation-seed", "3"], "--permutation-seed applies only to --task psmnist"),
+])
+def test_flags_of_another_task_are_errors(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # before any data is read
+        train.main([*argv, "--out", str(tmp_path / "m.pth"), "--data-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and message in err, err
+
+
+def test_psmnist_trains_resumes_and_evaluates(data_dir, tmp_path):  # noqa: F811 (the fixture)
+    out = tmp_path / "m.pth"
+    flags = [*TINY_FLAGS, "--data-dir", data_dir, "--out", out, "--log-dir", tmp_path / "runs"]
+    proc = run("train.py", "--task", "psmnist", "--permutation-seed", "1", "--epochs", "1", *flags)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "task psmnist: 784 pixels per image, one per step, in the order of --permutation-seed 1" in proc.stdout
+    assert "test: loss" in proc.stdout and "Traceback" not in proc.stderr
+    ckpt = load(out)
+    args, config = ckpt["args"], ckpt["config"]
+    assert args["task"] == "psmnist" and config["permutation_seed"] == 1 and config["seq_len"] == 784
+    assert (args["aug_translate"], args["aug_rotate"], args["aug_scale"]) == (0, 0, 0)  # the task's defaults
+    assert torch.equal(ckpt["model"]["permutation"], pixel_permutation(784, 1))
+
+    # resume without --task: the checkpoint's task, pixel order and defaults carry on
+    proc = run("train.py", "--resume", tmp_path / "m_last.pth", "--epochs", "2", *flags)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resuming" in proc.stdout and "epoch 2/2" in proc.stdout and "task psmnist" in proc.stdout
+    assert load(tmp_path / "m_last.pth")["epoch"] == 2
+
+    rebuilt = test_model.build_model(load(out), str(out), torch.device("cpu"))
+    assert isinstance(rebuilt, SequentialMamba2) and torch.equal(rebuilt.permutation, pixel_permutation(784, 1))
+    proc = run("test_model.py", "--checkpoint", out, "--data-dir", data_dir, "--out-dir", tmp_path / "eval",
+               "--num-samples", "4", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "task psmnist" in proc.stdout and "mnist test set: accuracy" in proc.stdout
+    for name in ("confusion_matrix.png", "predictions_visualization.png", "confident_mistakes.png", "metrics.json"):
+        assert (tmp_path / "eval" / name).stat().st_size > 0
+
+    # a checkpoint whose pixel order is not its seed's is refused, in one line
+    ckpt["config"]["permutation_seed"] = 2
+    torch.save(ckpt, tmp_path / "other.pth")
+    proc = run("test_model.py", "--checkpoint", tmp_path / "other.pth", "--data-dir", data_dir,
+               "--out-dir", tmp_path / "eval2", "--device", "cpu")
+    assert proc.returncode == 2 and "pixel order is not the one permutation_seed 2 gives" in proc.stderr, proc.stderr

@@ -22,7 +22,6 @@ import os
 import pickle
 import sys
 import textwrap
-import traceback
 import warnings
 
 import matplotlib
@@ -293,19 +292,7 @@ def main(argv=None):
     train.keep_freed_memory_in_process()
     args = build_parser().parse_args(argv)
 
-    def fail(message, status):
-        print(f"error: {' '.join(str(message).split())}", file=sys.stderr)  # one line, however long
-        return status
-    try:
-        status = evaluate(args)
-    except UsageError as e:
-        status = fail(e, 2)
-    except KeyboardInterrupt:
-        status = fail("interrupted", 130)
-    except Exception as e:  # a bug: still one line, with where it happened
-        where = traceback.extract_tb(e.__traceback__)[-1]
-        status = fail(f"{type(e).__name__} at {os.path.basename(where.filename)}:{where.lineno}: {e}", 1)
-    sys.exit(status)
+    sys.exit(train.exit_status(lambda: evaluate(args)))
 
 
 if __name__ == "__main__":

@@ -923,25 +923,30 @@ def main(argv=None):
 
     rank = os.environ.get("RANK")  # set by torchrun: say which process failed
 
-    def fail(message, status):
-        where = f" (rank {rank})" if rank else ""
-        print(f"error{where}: {' '.join(str(message).split())}", file=sys.stderr)  # one line, however long
-        return status
-    try:
+    def run():
         status = train(args, given_flags(parser, argv))
         if dist.is_initialized():  # every rank got here (after an error torchrun ends the others)
             dist.destroy_process_group()
-    except UsageError as e:
-        status = fail(e, 2)
-    except TrainingError as e:
-        status = fail(e, 1)
-    except KeyboardInterrupt:  # a second Ctrl-C, or one before training began: checkpoints are whole anyway
-        status = fail("interrupted", 130)
-    except Exception as e:  # a bug: still one line, with where it happened
-        where = traceback.extract_tb(e.__traceback__)[-1]
-        status = fail(f"{type(e).__name__} at {os.path.basename(where.filename)}:{where.lineno}: {e}", 1)
-    sys.exit(status)
+        return status
+    sys.exit(exit_status(run, f" (rank {rank})" if rank else ""))
 
+
+def exit_status(run, who=""):
+    """run()'s exit status, every error turned into one line on stderr: no traceback, nothing lost."""
+    def fail(message, status):
+        print(f"error{who}: {' '.join(str(message).split())}", file=sys.stderr)  # one line, however long
+        return status
+    try:
+        return run()
+    except UsageError as e:
+        return fail(e, 2)
+    except TrainingError as e:
+        return fail(e, 1)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training began: checkpoints are whole anyway
+        return fail("interrupted", 130)
+    except Exception as e:  # a bug: still one line, with where it happened
+        frame = traceback.extract_tb(e.__traceback__)[-1]
+        return fail(f"{type(e).__name__} at {os.path.basename(frame.filename)}:{frame.lineno}: {e}", 1)
 
 if __name__ == "__main__":
     main()

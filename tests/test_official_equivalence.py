@@ -8,7 +8,6 @@ Skipped when mamba_ssm is not installed. The interpreter is slow: shapes are kep
 """
 
 import importlib.util
-import math
 
 import pytest
 import torch

@@ -216,10 +216,92 @@ def bench_eval(args):
     return rows
 
 
+def saved_activation_bytes(fn):
+    """Bytes of the tensors autograd keeps for the backward pass while fn() runs its forward: the
+    activation memory of training, measurable on any device (CPU has no peak-memory counter)."""
+    seen, total = set(), 0
+
+    def pack(t):
+        nonlocal total
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in seen:  # views of one storage count once
+            seen.add(key)
+            total += key[1]
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total
+
+
+def bench_scaling(args):
+    """The same 4-block stack (width 128) over 49 to 3,136 tokens: Mamba-2 vs softmax attention.
+    Tokens per batch are held constant, so a flat time per token means linear cost in the length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch.nn as nn
+
+    from vision_mamba2 import ResidualMamba2Block
+
+    device = train.resolve_device(args.device)
+    width, depth = 128, 4
+
+    def mamba():
+        return nn.Sequential(*(ResidualMamba2Block(dim=width, d_state=32, headdim=32) for _ in range(depth)))
+
+    def attention():  # a ViT block: pre-norm multi-head self-attention + MLP
+        return nn.Sequential(*(nn.TransformerEncoderLayer(width, nhead=4, dim_feedforward=2 * width, dropout=0.0,
+                                                          batch_first=True, norm_first=True)
+                               for _ in range(depth)))
+
+    rows = []
+    for name, build in (("Mamba-2", mamba), ("attention", attention)):
+        model = build().to(device)
+        params = sum(p.numel() for p in model.parameters())
+        for l in args.scaling_lengths:
+            b = max(1, args.tokens // l)
+            x = torch.randn(b, l, width, device=device)
+            sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+
+            def step():
+                model(x).sum().backward()
+                sync()
+            t = median_time(step, args.repeats)
+            _, saved = saved_activation_bytes(lambda: model(x).sum())
+            rows.append(dict(model=name, params=params, length=l, batch=b, ms=1e3 * t,
+                             us_per_token=1e6 * t / (b * l), activation_mb=saved / 2**20,
+                             activation_kb_per_token=saved / 2**10 / (b * l)))
+
+    print(f"\n{depth} blocks of width {width}, forward + backward, {device} ({torch.get_num_threads()} threads), fp32, "
+          f"about {args.tokens:,} tokens per batch; median of {args.repeats}\n")
+    print("| model | params | tokens | batch | time (ms) | us / token | activations (MB) | KB / token |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['params']:,} | {r['length']:,} | {r['batch']} | {r['ms']:.1f} | "
+              f"{r['us_per_token']:.2f} | {r['activation_mb']:.1f} | {r['activation_kb_per_token']:.1f} |")
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in ("Mamba-2", "attention"):
+        mine = [r for r in rows if r["model"] == name]
+        ax_t.plot([r["length"] for r in mine], [r["us_per_token"] for r in mine], "o-", label=name)
+        ax_m.plot([r["length"] for r in mine], [r["activation_kb_per_token"] for r in mine], "o-", label=name)
+    for ax, title in ((ax_t, "forward + backward time per token (us)"), (ax_m, "activation memory per token (KB)")):
+        ax.set(xscale="log", xlabel="sequence length (tokens)", title=title)
+        ax.set_xticks(args.scaling_lengths, [f"{l:,}" for l in args.scaling_lengths])
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{depth} blocks of width {width} on {device}, same tokens per batch")
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=120)
+    print(f"\nwrote {args.plot}")
+    return rows
+
+
 def main():
     keep_freed_memory_in_process()
     parser = argparse.ArgumentParser(description="Benchmarks; each prints a markdown table.")
-    parser.add_argument("what", choices=["ssd", "train", "eval"],
+    parser.add_argument("what", choices=["ssd", "train", "eval", "scaling"],
                         help="ssd: our SSD vs mamba_ssm's references on CPU; train: train.py's input pipeline and "
                              "training step vs a typical per-sample DataLoader; eval: test_model.py's batched "
                              "test-set pass vs one image per forward")
@@ -236,10 +318,14 @@ def main():
                         help="eval: batch size of the batched pass (default: test_model.py's)")
     parser.add_argument("--single-images", type=int, default=500,
                         help="eval: test images timed one per forward pass (all 10,000 take long on a CPU)")
+    parser.add_argument("--scaling-lengths", type=int, nargs="+", default=[49, 196, 784, 3136],
+                        help="scaling: sequence lengths (7x7, 14x14, 28x28, 56x56 token grids)")
+    parser.add_argument("--tokens", type=int, default=8192, help="scaling: tokens per batch at every length")
+    parser.add_argument("--plot", default="scaling.png", help="scaling: where to write the plot")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
     try:
-        rows = {"ssd": bench_ssd, "train": bench_train, "eval": bench_eval}[args.what](args)
+        rows = {"ssd": bench_ssd, "train": bench_train, "eval": bench_eval, "scaling": bench_scaling}[args.what](args)
     except (train.UsageError, train.TrainingError) as e:
         sys.exit(f"error: {e}")
     if args.json:

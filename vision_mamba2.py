@@ -177,6 +177,14 @@ def resolve_backend(backend, device):
     raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
 
 
+def buildable(config):
+    """The config, once it is valid and its backend can run here (fail now, not at the first forward)."""
+    config.validate()
+    if config.backend == "official":
+        resolve_backend("official", "cuda")
+    return config
+
+
 class Mamba2Mixer(Mamba2):
     """The Mamba-2 twin, handing its work to the official kernels when the backend says so."""
 
@@ -251,10 +259,7 @@ class VisionMambaBlock(nn.Module):
 class VisionMamba2(nn.Module):
     def __init__(self, config):
         super().__init__()
-        config.validate()
-        if config.backend == "official":
-            resolve_backend("official", "cuda")  # fail now, not at the first forward, if it can't run here
-        self.config = c = config
+        self.config = c = buildable(config)
         p = c.patch_size
         self.grid_size = c.img_size // p
         # overlapping conv stem: kernel 2p-1, stride p -> (img_size/p)^2 tokens
@@ -313,10 +318,7 @@ class SequentialMamba2(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        config.validate()
-        if config.backend == "official":
-            resolve_backend("official", "cuda")  # fail now, not at the first forward, if it can't run here
-        self.config = c = config
+        self.config = c = buildable(config)
         # persistent: the checkpoint keeps the order the weights were trained on, and loading checks it (below)
         self.register_buffer("permutation", pixel_permutation(c.seq_len, c.permutation_seed))  # (L,)
         self.embed = nn.Linear(c.in_chans, c.d_model)

@@ -38,13 +38,8 @@ from tqdm import tqdm
 
 import train
 from train import UsageError
-from vision_mamba2 import SequentialMamba2, SequentialMamba2Config, VisionMamba2, VisionMamba2Config, resolve_backend
+from vision_mamba2 import resolve_backend
 
-# the checkpoint's args["task"] -> (config class, model class), all taking the same (B, 1, 28, 28) images.
-# Checkpoints without a task are image classifiers; psMNIST's pixel order is in its config and its weights
-TASKS = {"image": (VisionMamba2Config, VisionMamba2),
-         "smnist": (SequentialMamba2Config, SequentialMamba2),
-         "psmnist": (SequentialMamba2Config, SequentialMamba2)}
 CHECKPOINT_KEYS = ("model", "config", "args", "dataset", "normalization")  # what every train.py checkpoint has
 
 
@@ -102,18 +97,25 @@ def load_checkpoint(path):
     return ckpt
 
 
+def model_kind(ckpt):
+    return ckpt["args"].get("task", "image"), ckpt["args"].get("arch", "mamba2")
+
+
 def build_model(ckpt, path, device):
-    """Exactly the trained model, from the checkpoint alone: its task picks the class, its config the shapes."""
-    task = ckpt["args"].get("task", "image")
-    if task not in TASKS:
-        raise UsageError(f"{path} holds a model for the task {task!r}, which this version of test_model.py does "
-                         f"not know (it knows {', '.join(TASKS)})")
-    config_cls, model_cls = TASKS[task]
+    """Exactly the trained model, from the checkpoint alone: its task and arch pick the class (train.MODELS), its
+    config the shapes. Checkpoints without a task or arch are Vision Mamba 2 image classifiers; psMNIST's pixel
+    order is in its config and its weights."""
+    kind = model_kind(ckpt)
+    if kind not in train.MODELS:
+        known = ", ".join(f"{t}/{a}" for t, a in train.MODELS)
+        raise UsageError(f"{path} holds a model for task/arch {'/'.join(map(str, kind))}, which this version of "
+                         f"test_model.py does not know (it knows {known})")
+    config_cls, model_cls = train.MODELS[kind]
     try:
         config = config_cls.from_dict(ckpt["config"])
         # the backend is how the model runs, not what it computes: weights trained with the official kernels
         # evaluate anywhere
-        if config.backend == "official" and resolve_backend("auto", device) != "official":
+        if getattr(config, "backend", None) == "official" and resolve_backend("auto", device) != "official":
             config = dataclasses.replace(config, backend="auto")
         model = model_cls(config)
         model.load_state_dict(ckpt["model"])
@@ -230,9 +232,10 @@ def evaluate(args):
     classes = test.classes
 
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"checkpoint {args.checkpoint}: task {ckpt['args'].get('task', 'image')}, epoch {ckpt.get('epoch', '?')}, "
-          f"trained on {trained_on}, {n_params:,} parameters, backend {resolve_backend(model.config.backend, device)}, "
-          f"device {device}")
+    task, arch = model_kind(ckpt)
+    backend = f"backend {resolve_backend(model.config.backend, device)}, " if arch == "mamba2" else ""
+    print(f"checkpoint {args.checkpoint}: task {task}, arch {arch}, epoch {ckpt.get('epoch', '?')}, trained on "
+          f"{trained_on}, {n_params:,} parameters, {backend}device {device}")
     try:
         probs, labels = predict(model, split)
     except torch.OutOfMemoryError:
@@ -278,7 +281,7 @@ def evaluate(args):
               f"no mistakes on the {len(labels):,} test images",
               paths["confident_mistakes.png"])
 
-    report = {"checkpoint": {"path": args.checkpoint, "task": ckpt["args"].get("task", "image"),
+    report = {"checkpoint": {"path": args.checkpoint, "task": task, "arch": arch,
                              "epoch": ckpt.get("epoch"), "trained_on": trained_on},
               "dataset": dataset, **metrics}
     train.atomic_write(paths["metrics.json"], lambda f: f.write(json.dumps(report, indent=2).encode()))

@@ -51,8 +51,9 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision import datasets, transforms
 from tqdm import tqdm
 
-from vision_mamba2 import (BACKENDS, READOUTS, SCANS, SequentialMamba2, SequentialMamba2Config, VisionMamba2Config,
-                           create_vision_mamba2_model, resolve_backend)
+from baselines import CNN, CNNConfig, ViT, ViTConfig
+from vision_mamba2 import (BACKENDS, READOUTS, SCANS, SequentialMamba2, SequentialMamba2Config, VisionMamba2,
+                           VisionMamba2Config, resolve_backend)
 
 
 class UsageError(Exception):
@@ -126,6 +127,21 @@ TASK_DEFAULTS = {"image": {},
 TASK_FLAGS = {"scan": ("image",), "aug_translate": ("image",), "aug_rotate": ("image",), "aug_scale": ("image",),
               "readout": ("smnist", "psmnist"), "permutation_seed": ("psmnist",)}
 
+# (--task, --arch) -> (config class, model class); test_model.py rebuilds checkpoints through the same table.
+# The baselines (baselines.py) are image classifiers of about the Mamba model's size, trained by the same recipe
+MODELS = {("image", "mamba2"): (VisionMamba2Config, VisionMamba2),
+          ("image", "cnn"): (CNNConfig, CNN),
+          ("image", "vit"): (ViTConfig, ViT),
+          ("smnist", "mamba2"): (SequentialMamba2Config, SequentialMamba2),
+          ("psmnist", "mamba2"): (SequentialMamba2Config, SequentialMamba2)}
+ARCH_DEFAULTS = {"mamba2": {},
+                 "cnn": {"out": "cnn_mnist.pth"},
+                 "vit": {"d_model": ViTConfig.d_model, "num_blocks": ViTConfig.num_blocks, "out": "vit_mnist.pth"}}
+# flags that mean something only for some architectures
+ARCH_FLAGS = {"d_state": ("mamba2",), "headdim": ("mamba2",), "expand": ("mamba2",), "scan": ("mamba2",),
+              "backend": ("mamba2",), "readout": ("mamba2",), "d_model": ("mamba2", "vit"),
+              "num_blocks": ("mamba2", "vit"), "width": ("cnn",), "heads": ("vit",), "mlp_ratio": ("vit",)}
+
 
 def build_parser():
     model_defaults = VisionMamba2Config()  # the architecture's defaults live in vision_mamba2.py
@@ -179,7 +195,13 @@ def build_parser():
     g.add_argument("--aug-scale", type=float_in(0, 1, hi_open=True), default=0.1,
                    help="maximum zoom in or out, as a fraction: handwriting sizes vary by about that")
 
-    g = p.add_argument_group("model (see vision_mamba2.py)")
+    g = p.add_argument_group("model (see vision_mamba2.py and baselines.py)")
+    g.add_argument("--arch", choices=sorted({arch for _, arch in MODELS}), default="mamba2",
+                   help="mamba2: Vision Mamba 2; cnn and vit: baselines of about the same parameter count "
+                        "(baselines.py), trained by the same recipe so their accuracy compares with it. cnn takes "
+                        f"--width; vit takes --d-model (default {ViTConfig.d_model}), --num-blocks, --heads and "
+                        "--mlp-ratio. --out defaults to cnn_mnist.pth / vit_mnist.pth for them (image task only) "
+                        "(default: mamba2)")
     g.add_argument("--d-model", type=int_at_least(1), default=model_defaults.d_model,
                    help="channels of the token grid; 128 is enough capacity for MNIST at ~484K parameters")
     g.add_argument("--num-blocks", type=int_at_least(1), default=model_defaults.num_blocks,
@@ -196,6 +218,13 @@ def build_parser():
     g.add_argument("--readout", choices=list(READOUTS), default=SequentialMamba2Config.readout,
                    help="smnist/psmnist: what the classifier head sees, the mean of every step's features or the "
                         "last step's")
+    g.add_argument("--width", type=int_at_least(1), default=CNNConfig.width,
+                   help=f"cnn: channels of the first of its three stages (then 2x, 4x); {CNNConfig.width} gives "
+                        "~475K parameters")
+    g.add_argument("--heads", type=int_at_least(1), default=ViTConfig.heads,
+                   help="vit: attention heads per block; --d-model must be divisible by it")
+    g.add_argument("--mlp-ratio", type=int_at_least(1), default=ViTConfig.mlp_ratio,
+                   help="vit: hidden width of each block's MLP, as a multiple of --d-model")
     g.add_argument("--dropout", type=float_in(0, 1, hi_open=True), default=model_defaults.dropout,
                    help="dropout in the classifier head")
     g.add_argument("--backend", choices=list(BACKENDS), default=model_defaults.backend,
@@ -674,17 +703,25 @@ def train(args, given):
     """The whole run; returns the exit status (0, or 130 after Ctrl-C). `given`: the flags on the command line."""
     resume = load_checkpoint(args.resume) if args.resume else None
     if resume:
-        merge_resume_args(args, {"task": "image", **resume["args"]}, given)  # checkpoints without a task: image
+        # checkpoints older than --task and --arch: the image task, Vision Mamba 2
+        merge_resume_args(args, {"task": "image", "arch": "mamba2", **resume["args"]}, given)
     else:
-        for key, value in TASK_DEFAULTS[args.task].items():
+        for key, value in {**TASK_DEFAULTS[args.task], **ARCH_DEFAULTS[args.arch]}.items():
             if key not in given:
                 setattr(args, key, value)
+    if (args.task, args.arch) not in MODELS:
+        raise UsageError(f"--arch {args.arch} is an image classifier: --task {args.task} takes only --arch mamba2")
     for key in sorted(given & TASK_FLAGS.keys()):
         if args.task not in TASK_FLAGS[key]:
             raise UsageError(f"--{key.replace('_', '-')} applies only to --task {' or '.join(TASK_FLAGS[key])}, "
                              f"not to {args.task}")
+    for key in sorted(given & ARCH_FLAGS.keys()):
+        if args.arch not in ARCH_FLAGS[key]:
+            raise UsageError(f"--{key.replace('_', '-')} applies only to --arch {' or '.join(ARCH_FLAGS[key])}, "
+                             f"not to {args.arch}")
     task = "" if args.task == "image" else f"{args.task}-"
-    args.run_name = args.run_name or f"{task}{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    arch = "" if args.arch == "mamba2" else f"{args.arch}-"
+    args.run_name = args.run_name or f"{arch}{task}{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     device = resolve_device(args.device)
     ddp = int(os.environ.get("RANK", -1)) != -1  # started by torchrun: one process per GPU
     if ddp:
@@ -717,7 +754,7 @@ def train(args, given):
                          f"epoch resumes under any number")
     use_amp = device.type == "cuda" if args.amp is None else args.amp
     try:
-        backend = resolve_backend(args.backend, device)
+        backend = resolve_backend(args.backend, device) if args.arch == "mamba2" else None
     except (ValueError, RuntimeError) as e:
         raise UsageError(f"--backend {args.backend}: {e}") from None
     root, ext = os.path.splitext(args.out)
@@ -748,17 +785,14 @@ def train(args, given):
         train_split, val_split, test_split = (LoaderSplit(dl, device) for dl in loaders)
     image_shape = tuple(loaders[0].dataset[0][0].shape)  # (C, H, W)
 
-    # model: the architecture flags, plus what the data dictates
-    common = dict(in_chans=image_shape[0], num_classes=len(loaders[2].dataset.classes), d_model=args.d_model,
-                  num_blocks=args.num_blocks, d_state=args.d_state, headdim=args.headdim, expand=args.expand,
-                  dropout=args.dropout, backend=args.backend)
+    # model: the flags its config has, plus what the data dictates
+    config_cls, model_cls = MODELS[args.task, args.arch]
+    data = dict(in_chans=image_shape[0], num_classes=len(loaders[2].dataset.classes), img_size=image_shape[-1],
+                seq_len=image_shape[1] * image_shape[2],
+                permutation_seed=args.permutation_seed if args.task == "psmnist" else None)
+    fields = {f.name for f in dataclasses.fields(config_cls)}
     try:
-        if args.task == "image":
-            raw_model = create_vision_mamba2_model(img_size=image_shape[-1], scan=args.scan, **common)
-        else:
-            raw_model = SequentialMamba2(SequentialMamba2Config(
-                seq_len=image_shape[1] * image_shape[2], readout=args.readout,
-                permutation_seed=args.permutation_seed if args.task == "psmnist" else None, **common))
+        raw_model = model_cls(config_cls(**{k: v for k, v in {**vars(args), **data}.items() if k in fields}))
         raw_model = raw_model.to(device)
     except (ValueError, RuntimeError) as e:
         raise UsageError(f"invalid model configuration: {e}") from None
@@ -818,7 +852,7 @@ def train(args, given):
         order = ("row-major order" if args.task == "smnist" else
                  f"the order of --permutation-seed {args.permutation_seed}")
         print0(f"task {args.task}: {raw_model.config.seq_len} pixels per image, one per step, in {order}")
-    print0(f"model: {n_params:,} parameters, backend {backend}, device {device}, "
+    print0(f"model: {args.arch}, {n_params:,} parameters{f', backend {backend}' if backend else ''}, device {device}, "
            f"amp {str(amp_dtype).removeprefix('torch.') if use_amp else 'off'}{', compiled' if args.compile else ''}")
     if ddp:
         print0(f"torchrun: {world_size} processes ({dist.get_backend()}), each {train_split.num_samples:,} training "

@@ -41,7 +41,8 @@ READOUTS = ("mean", "last")  # SequentialMamba2's summary of the sequence: avera
 
 
 class ModelConfig:
-    """What the model configs share: reading one back from a checkpoint, and the checks of the Mamba-2 mixer."""
+    """What the model configs share: reading one back from a checkpoint, checking the fields (validate_fields),
+    and, in validate, the checks of the Mamba-2 mixer (baselines.py's configs override validate)."""
 
     @classmethod
     def from_dict(cls, d):
@@ -50,16 +51,19 @@ class ModelConfig:
             raise ValueError(f"unknown model config keys {sorted(unknown)}: written by another version of this code?")
         return cls(**d)
 
-    def validate(self):
-        """Raise ValueError naming the numbers to change if this model cannot be built."""
+    def validate_fields(self):
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.type is int and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{f.name} must be a positive integer, got {value!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def validate(self):
+        """Raise ValueError naming the numbers to change if this model cannot be built."""
+        self.validate_fields()
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
         d_inner = self.d_model * self.expand
         if d_inner % self.headdim:
             raise ValueError(f"d_model*expand = {d_inner} must be divisible by headdim = {self.headdim}")

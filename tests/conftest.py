@@ -7,3 +7,34 @@
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402 (after the environment is set)
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from helpers import synthetic_digits, write_idx  # noqa: E402
+
+
+# One thread in-process too: see PROC_ENV in helpers.py
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A tiny synthetic dataset (300 train, 100 test images) in torchvision's raw layout, as MNIST and, the same
+    images, as Fashion-MNIST: train.py and test_model.py read it like the real thing, nothing is downloaded."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for split, n in [("train", 300), ("t10k", 100)]:
+        images, labels = synthetic_digits(n, rng)
+        for folder in ("MNIST", "FashionMNIST"):
+            raw = root / folder / "raw"
+            raw.mkdir(parents=True, exist_ok=True)
+            write_idx(raw / f"{split}-images-idx3-ubyte", images)
+            write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
+    return root

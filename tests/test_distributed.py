@@ -21,7 +21,8 @@ import torch.nn as nn
 
 import test_model
 import train
-from test_train import CURVES, PROC_ENV, TINY, data_dir, load, one_thread, run_main, scalars, train_cmd  # noqa: F401
+from helpers import PROC_ENV, load
+from test_train import CURVES, TINY, run_main, scalars, train_cmd
 from vision_mamba2 import create_vision_mamba2_model
 
 EPOCHS = 2

@@ -20,26 +20,12 @@ from torchvision.datasets import FashionMNIST
 import bench
 import test_model
 import train
-from test_train import PROC_ENV, REPO, TINY, one_thread, synthetic_digits, write_idx  # noqa: F401 (autouse fixture)
+from helpers import PROC_ENV, REPO, load
+from test_train import TINY
 from vision_mamba2 import VisionMamba2
 
 N_TEST = 100
 OUTPUTS = ("confusion_matrix.png", "predictions_visualization.png", "confident_mistakes.png", "metrics.json")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """The same synthetic images as MNIST and as Fashion-MNIST, in torchvision's raw layout."""
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for split, n in [("train", 300), ("t10k", N_TEST)]:
-        images, labels = synthetic_digits(n, rng)
-        for folder in ("MNIST", "FashionMNIST"):
-            raw = root / folder / "raw"
-            raw.mkdir(parents=True, exist_ok=True)
-            write_idx(raw / f"{split}-images-idx3-ubyte", images)
-            write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +49,6 @@ def run(argv, capsys):
         test_model.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return exit_info.value.code, out, err
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def test_writes_every_output_and_the_numbers_agree(checkpoint, data_dir, tmp_path):
@@ -94,7 +76,8 @@ def test_writes_every_output_and_the_numbers_agree(checkpoint, data_dir, tmp_pat
     assert [m["correct"] for m in per_class] == list(np.diag(cm))
     assert [m["support"] for m in per_class] == list(cm.sum(axis=1))
     assert metrics["dataset"] == "mnist" and metrics["checkpoint"] == {"path": str(checkpoint), "task": "image",
-                                                                         "epoch": 2, "trained_on": "mnist"}
+                                                                         "arch": "mamba2", "epoch": 2,
+                                                                         "trained_on": "mnist"}
     assert "macro avg" in proc.stdout and "f1-score" in proc.stdout  # sklearn's classification_report
     assert all(name in proc.stdout for name in metrics["classes"])
 
@@ -150,7 +133,7 @@ BAD_CHECKPOINTS = {
                            r"cannot rebuild \(unknown model config keys \['future_knob'\]"),
     "other shapes": (edited("config", {"d_model": 24}), "cannot rebuild .*size mismatch"),
     "unknown task": (edited("args", {"task": "sequential-mnist"}),
-                     "for the task 'sequential-mnist', which this version of test_model.py does not know"),
+                     "for task/arch sequential-mnist/mamba2, which this version of test_model.py does not know"),
 }
 
 

@@ -1,15 +1,13 @@
 """Sequential MNIST: the pixel-by-pixel Mamba-2 classifier (shapes, causality, the pixel order, config errors), and
 train.py --task smnist/psmnist with test_model.py end to end on test_train.py's synthetic IDX files."""
 
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import test_model
 import train
-from test_train import PROC_ENV, REPO, data_dir, load, one_thread  # noqa: F401 (fixtures)
+from helpers import load, run_script as run
 from vision_mamba2 import SequentialMamba2, SequentialMamba2Config, pixel_permutation
 
 TINY = dict(d_model=16, num_blocks=2, d_state=8, headdim=8, dropout=0.0)
@@ -96,11 +94,6 @@ def test_wrong_inputs_and_unknown_keys():
         SequentialMamba2Config.from_dict({"readout": "last", "scan": "bi"})
 
 
-def run(script, *argv):
-    return subprocess.run([sys.executable, str(REPO / script), *map(str, argv)], capture_output=True, text=True,
-                          env=PROC_ENV, timeout=300)
-
-
 @pytest.mark.parametrize("argv,message", [
     (["--task", "smnist", "--scan", "bi"], "--scan applies only to --task image, not to smnist"),
     (["--task", "psmnist", "--aug-rotate", "5"], "--aug-rotate applies only to --task image"),
@@ -114,7 +107,7 @@ def test_flags_of_another_task_are_errors(argv, message, tmp_path, capsys):
     assert exit_info.value.code == 2 and err.startswith("error: ") and message in err, err
 
 
-def test_psmnist_trains_resumes_and_evaluates(data_dir, tmp_path):  # noqa: F811 (the fixture)
+def test_psmnist_trains_resumes_and_evaluates(data_dir, tmp_path):
     out = tmp_path / "m.pth"
     flags = [*TINY_FLAGS, "--data-dir", data_dir, "--out", out, "--log-dir", tmp_path / "runs"]
     proc = run("train.py", "--task", "psmnist", "--permutation-seed", "1", "--epochs", "1", *flags)

@@ -6,10 +6,8 @@ MNIST layout (raw IDX files), so nothing is downloaded. Run from the repository 
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,60 +15,14 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
+from helpers import PROC_ENV, REPO, load
 from vision_mamba2 import create_vision_mamba2_model
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--d-model", "16", "--num-blocks", "1", "--d-state", "16", "--headdim", "8", "--batch-size", "32",
         "--val-size", "50", "--lr", "1e-2", "--device", "cpu", "--num-workers", "0", "--seed", "0",
         "--log-interval", "3"]
 EPOCHS = 3
 CURVES = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")  # history entries that must replay exactly
-# One thread: for a model this small it is the fastest, and it keeps its speed when other jobs share the
-# CPU (two threads on two busy cores were 20x slower here). And no test may download anything, even on a
-# machine that could: an unreachable proxy makes torchvision's download fail at once.
-PROC_ENV = {**{k: v for k, v in os.environ.items() if k.lower() != "no_proxy"}, "OMP_NUM_THREADS": "1",
-            "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
-            "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def write_idx(path, array):
-    """The IDX format of the MNIST files: big-endian magic (2051 images, 2049 labels), dims, uint8 data."""
-    with open(path, "wb") as f:
-        f.write(struct.pack(">I", 2051 if array.ndim == 3 else 2049))
-        f.write(struct.pack(f">{array.ndim}I", *array.shape))
-        f.write(array.astype(np.uint8).tobytes())
-
-
-def synthetic_digits(n, rng):
-    """Class k is a bright square of side 4 + 2k somewhere on a noisy 28x28 canvas: learnable in a few steps."""
-    labels = rng.integers(0, 10, n)
-    images = rng.normal(0, 20, (n, 28, 28))
-    for image, k in zip(images, labels):
-        side = 4 + 2 * k
-        r, c = rng.integers(0, 28 - side + 1, 2)
-        image[r:r + side, c:c + side] += 255
-    return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for split, n in [("train", 300), ("t10k", 100)]:
-        images, labels = synthetic_digits(n, rng)
-        write_idx(raw / f"{split}-images-idx3-ubyte", images)
-        write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
-    return root
 
 
 def train_cmd(data_dir, out_dir, *extra):
@@ -81,10 +33,6 @@ def train_cmd(data_dir, out_dir, *extra):
 def run_train(data_dir, out_dir, *extra):
     return subprocess.run(train_cmd(data_dir, out_dir, *extra), capture_output=True, text=True, env=PROC_ENV,
                           timeout=300)
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def scalars(run_dir):

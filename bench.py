@@ -1,39 +1,66 @@
 """
-Benchmarks that print a markdown table (speed claims live here, never in timed tests).
+Benchmarks, each printing a markdown table: speed and memory claims live here, never in timed tests.
 
-    python bench.py ssd            # our SSD vs mamba_ssm's ssd_minimal_discrete and sequential scan, CPU
-    python bench.py train --data-dir ../shared/data   # train.py's input pipeline and step vs a per-sample DataLoader
-    python bench.py eval --data-dir ../shared/data    # test_model.py's batched test-set pass vs one image per forward
+    python bench.py --data-dir ../shared/data               # every section (the full run is for GPUs)
+    python bench.py --quick --data-dir ../shared/data       # every section, small sizes: < 2 minutes on 2 CPU cores
+    python bench.py models scaling --json bench.json        # some sections; all their rows in one JSON file
 
-Each row: forward + backward time, median of several repeats after a warm-up, all measured in this
-one process, with ratios against our SSD. Shapes are those of the default model's mixer: d_model 128,
-expand 2 -> 8 heads of headdim 32, d_state 32, a batch of 16 images read in two directions (32 sequences).
+    models   whole-model training and inference throughput and memory: Vision Mamba 2 on the portable backend,
+             on the official kernels (CUDA with mamba-ssm), the CNN and ViT baselines of baselines.py, and the
+             naive pipeline users start with (the same model scanning one token per step, batch 32,
+             per-sample DataLoader)
+    scaling  the same 4-block stack, Mamba-2 vs attention, from 49 to 3,136 tokens: time and memory per token
+    ssd      our SSD vs mamba_ssm's ssd_minimal_discrete and a sequential scan (needs mamba-ssm; CPU)
+    train    train.py's input pipeline and training steps vs a typical per-sample DataLoader
+    eval     test_model.py's batched test-set pass vs one image per forward
+
+Every measurement happens in this one process, so ratios compare like with like: medians of several repeats
+after a warm-up, timed with CUDA events on a GPU (perf_counter after a synchronize elsewhere).
 """
 
-import argparse
+import functools
 import json
+import platform
 import statistics
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
-from mamba2_torch import mamba_chunk_scan_combined
+
 import test_model
 import train
+from baselines import CNN, CNNConfig, ViT, ViTConfig
+from mamba2_torch import mamba_chunk_scan_combined, rmsnorm_fn
 from train import keep_freed_memory_in_process
+from vision_mamba2 import create_vision_mamba2_model, load_official_kernels
 
 
-def median_time(fn, repeats, warmup=1):
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn, repeats, warmup=1, device=torch.device("cpu")):
+    """Median seconds of fn() over `repeats` calls after `warmup` untimed ones. On CUDA each call is timed by
+    events recorded around it on the stream (the GPU's time up to its last kernel, not the launch's)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
@@ -51,11 +78,152 @@ def sequential_scan(x, dt, A, B, C):
     return torch.stack(ys, dim=1)
 
 
-def bench_ssd(args):
-    from vision_mamba2 import load_official_kernels
+def throughput(batches, images, device, step=None):
+    """images/s of step(x, y) over the first `images` images of the (x, y) iterable `batches`, after one
+    warm-up batch; without a step, of producing the batches alone."""
+    it = iter(batches)
+    x, y = next(it)
+    if step:
+        step(x, y)
+    sync(device)
+    t0, seen = time.perf_counter(), 0
+    for x, y in it:
+        if step:
+            step(x, y)
+        seen += len(y)
+        if seen >= images:
+            break
+    sync(device)
+    return seen / (time.perf_counter() - t0)
 
+
+def to_device(loader, device):
+    return ((x.to(device), y.to(device)) for x, y in loader)
+
+
+class Unavailable(Exception):
+    """A section that cannot run on this machine (says why)."""
+
+
+def sequential_ssd(x, dt, A, B, C, chunk_size, *, D, z, dt_bias, dt_softplus, dt_limit):
+    """mamba_chunk_scan_combined's signature over sequential_scan: the naive model's SSD (chunk_size unused)."""
+    dt = dt + dt_bias
+    dt = F.softplus(dt) if dt_softplus else dt
+    y = sequential_scan(x, dt.clamp(*dt_limit), A, B, C) + x * D[:, None]
+    return y if z is None else y * F.silu(z)
+
+
+def naive_model():
+    """The default Vision Mamba 2 with every mixer scanning one token per step, as Python-loop tutorials do."""
+    model = create_vision_mamba2_model(backend="portable")
+    for block in model.blocks:
+        block.mixer.forward = functools.partial(block.mixer.mix, scan=sequential_ssd, gated_norm=rmsnorm_fn)
+    return model
+
+
+def bench_models(args):
+    """Whole models, training (forward + backward + AdamW step) and inference: images/s and memory.
+
+    Vision Mamba 2, CNN and ViT step on one batch already on the device, as train.py's loop does (its input
+    pipeline costs little next to the model: see the train section); the naive pipeline pays for its per-sample
+    DataLoader too, since that is how it runs."""
+    device = train.resolve_device(args.device)
+    cuda = device.type == "cuda"
+    amp = "bf16 autocast" if cuda else "fp32"  # train.py's default
+    specs = [("Vision Mamba 2", "portable", lambda: create_vision_mamba2_model(backend="portable"), amp)]
+    if cuda and load_official_kernels() is not None:
+        specs.append(("Vision Mamba 2", "official", lambda: create_vision_mamba2_model(backend="official"), amp))
+    specs += [("CNN (baselines.py)", "-", lambda: CNN(CNNConfig()), amp),
+              ("ViT (baselines.py)", "-", lambda: ViT(ViTConfig()), amp)]
+    gen = torch.Generator().manual_seed(0)
+    b = args.batch_size
+    x = torch.randn(2 * b, 1, 28, 28, generator=gen).to(device)  # inference takes twice the batch, as train.py
+    y = torch.randint(0, 10, (2 * b,), generator=gen).to(device)
+    rows = []
+
+    def measure(build, dtype, batch, step_fn):
+        torch.manual_seed(0)
+        sync(device)
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device) if cuda else 0
+        model = build().to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=dtype != "fp32")
+
+        def step(xb, yb):
+            model.train()
+            with autocast():
+                loss = F.cross_entropy(model(xb), yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        @torch.no_grad()
+        def infer(xb):
+            model.eval()
+            with autocast():
+                return model(xb)
+
+        train_rate, infer_rate = step_fn(model, step, infer)
+        sync(device)
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if cuda else None
+        model.train()
+        with autocast():
+            _, saved = saved_activation_bytes(lambda: F.cross_entropy(model(x[:batch]), y[:batch]))
+        return dict(params=sum(p.numel() for p in model.parameters()), train_img_s=train_rate,
+                    infer_img_s=infer_rate, activation_mib=saved / 2**20, peak_mib=peak)
+
+    def on_device(model, step, infer):
+        t_train = median_time(lambda: step(x[:b], y[:b]), args.repeats, device=device)
+        t_infer = median_time(lambda: infer(x), args.repeats, device=device)
+        return b / t_train, 2 * b / t_infer
+
+    for name, backend, build, dtype in specs:
+        rows.append(dict(model=name, backend=backend, device=str(device), dtype=dtype, batch=b,
+                         **measure(build, dtype, b, on_device)))
+
+    # the naive pipeline: per-sample ToTensor + Normalize in a DataLoader, batch 32, fp32, one token per step
+    _, mean, std = train.DATASETS["mnist"]
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
+    train_set, test_set = train.load_datasets("mnist", args.data_dir, tf)
+    naive_batch = 32
+
+    def through_loaders(model, step, infer):
+        with torch.no_grad():  # the same function as our model, step by step
+            ours = create_vision_mamba2_model(backend="portable").to(device).eval()
+            ours.load_state_dict(model.state_dict())
+            model.eval()
+            probe = x[:2]
+            assert torch.allclose(model(probe), ours(probe), atol=1e-4, rtol=1e-4)
+        loader = functools.partial(DataLoader, batch_size=naive_batch, shuffle=True)
+        return (throughput(to_device(loader(train_set), device), args.naive_images, device, step),
+                throughput(to_device(loader(test_set), device), args.naive_images, device, lambda xb, yb: infer(xb)))
+
+    rows.append(dict(model="naive pipeline: Vision Mamba 2, sequential scan, DataLoader", backend="loop",
+                     device=str(device), dtype="fp32", batch=naive_batch,
+                     **measure(naive_model, "fp32", naive_batch, through_loaders)))
+
+    ref = rows[0]
+    print(f"\nWhole models on MNIST-sized images, {device} ({torch.get_num_threads()} threads); training = forward + "
+          f"backward + AdamW step (inference: twice the batch, no grad); median of {args.repeats} after a warm-up; "
+          f"the naive pipeline over {args.naive_images} images of its DataLoader. Memory: autograd-saved activations "
+          f"of one training batch{'; peak = most allocated by the model during the run' if cuda else ''}\n")
+    print("| model | backend | params | dtype | batch | train img/s | infer img/s | activations MiB | peak MiB "
+          "| train vs ours |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:,.0f}"
+        print(f"| {r['model']} | {r['backend']} | {r['params']:,} | {r['dtype']} | {r['batch']} | "
+              f"{r['train_img_s']:,.1f} | {r['infer_img_s']:,.1f} | {r['activation_mib']:,.1f} | {peak} | "
+              f"{r['train_img_s'] / ref['train_img_s']:.2f}x |")
+    return rows
+
+
+def bench_ssd(args):
     if load_official_kernels() is None:
-        sys.exit("error: bench.py ssd compares against mamba-ssm's references: install mamba-ssm (README)")
+        raise Unavailable("it compares against mamba-ssm's reference functions: install mamba-ssm (README)")
     from mamba_ssm.modules.ssd_minimal import ssd_minimal_discrete
 
     b, h, p, n = args.batch, 8, 32, 32
@@ -86,7 +254,7 @@ def bench_ssd(args):
         chunks = [c for c in (16, 28, 32, 49, 64, 98, 128, 196) if l % c == 0]
         t_min, best_chunk = min((median_time(lambda: minimal(c), args.repeats), c) for c in chunks)
         t_seq = median_time(sequential, max(1, args.repeats // 2))
-        rows.append(dict(length=l, batch=b, ours_ms=1e3 * t_ours, ours_chunk=ours_chunk,
+        rows.append(dict(device="cpu", dtype="fp32", length=l, batch=b, ours_ms=1e3 * t_ours, ours_chunk=ours_chunk,
                          minimal_ms=1e3 * t_min, minimal_chunk=best_chunk, sequential_ms=1e3 * t_seq,
                          minimal_over_ours=t_min / t_ours, sequential_over_ours=t_seq / t_ours))
 
@@ -105,10 +273,12 @@ def bench_train(args):
     """train.py's on-device pipeline vs the per-sample DataLoader of typical MNIST scripts (batch 32,
     ToTensor + Normalize in the loader): the pipeline alone, then whole training steps of the default model."""
     device = train.resolve_device(args.device)
-    loaders = train.get_mnist_dataloaders(data_dir=args.data_dir, batch_size=128)
     _, mean, std = train.DATASETS["mnist"]
-    ours = train.DeviceSplit(loaders[0], device, mean, std)
-    typical = torch.utils.data.DataLoader(loaders[0].dataset, batch_size=32, shuffle=True)
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
+    train_set, _ = train.load_datasets("mnist", args.data_dir, tf)
+    train_set = Subset(train_set, range(min(args.train_samples or len(train_set), len(train_set))))
+    ours = train.DeviceSplit(DataLoader(train_set, batch_size=128), device, mean, std)
+    typical = DataLoader(train_set, batch_size=32, shuffle=True)
     gen = torch.Generator(device=device).manual_seed(0)
 
     def our_batches():
@@ -119,28 +289,12 @@ def bench_train(args):
         return ours.batches(gen)
 
     def typical_batches():
-        for x, y in typical:
-            yield x.to(device), y.to(device)
+        return to_device(typical, device)
 
     def rate(batches, images, step=None):
-        """images/s over the first `images` images (after one warm-up batch)."""
-        it = batches()
-        x, y = next(it)
-        if step:
-            step(x, y)
-        sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-        sync()
-        t0, seen = time.perf_counter(), 0
-        for x, y in it:
-            if step:
-                step(x, y)
-            seen += len(y)
-            if seen >= images:
-                break
-        sync()
-        return seen / (time.perf_counter() - t0)
+        return throughput(batches(), images, device, step)
 
-    model = train.create_vision_mamba2_model().to(device)
+    model = create_vision_mamba2_model().to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     def step(x, y):
@@ -162,7 +316,8 @@ def bench_train(args):
     print("|---|---|---|---|")
     for what, a, b in rows:
         print(f"| {what} | {a:,.0f} | {b:,.0f} | {a / b:.1f}x |")
-    return [dict(what=w, ours=a, typical=b) for w, a, b in rows]
+    return [dict(what=w, device=str(device), dtype="bf16 autocast" if device.type == "cuda" else "fp32",
+                 batch_ours=128, batch_typical=32, ours_img_s=a, typical_img_s=b) for w, a, b in rows]
 
 
 def bench_eval(args):
@@ -174,19 +329,18 @@ def bench_eval(args):
         model = test_model.build_model(ckpt, args.checkpoint, device)
         dataset, norm, what = ckpt["dataset"], ckpt["normalization"], args.checkpoint
     else:
-        model = train.create_vision_mamba2_model().to(device).eval()
+        model = create_vision_mamba2_model().to(device).eval()
         dataset, what = "mnist", "the default model (untrained)"
         norm = dict(zip(("mean", "std"), train.DATASETS[dataset][1:]))
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((norm["mean"],), (norm["std"],))])
     _, test = train.load_datasets(dataset, args.data_dir, tf)
-    split = train.DeviceSplit(DataLoader(test, batch_size=args.eval_batch_size), device, norm["mean"], norm["std"])
-    single = min(args.single_images, len(test))
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    timed = Subset(test, range(min(args.eval_images or len(test), len(test))))  # the first images of the test set
+    split = train.DeviceSplit(DataLoader(timed, batch_size=args.eval_batch_size), device, norm["mean"], norm["std"])
+    single = min(args.single_images, split.num_samples)
     results = {}
 
     def batched():
         results["batched"] = test_model.predict(model, split)[0]
-        sync()
 
     @torch.no_grad()
     def one_by_one():
@@ -195,19 +349,21 @@ def bench_eval(args):
             x, _ = test[i]  # x : (1, H, W)
             probs.append(model(x[None].to(device)).float().softmax(dim=1).cpu())
         results["single"] = torch.cat(probs).numpy()
-        sync()
 
     with torch.no_grad():  # warm-up: one batch
         model(next(split.batches())[0])
-    t_batched = median_time(batched, args.repeats, warmup=0)
-    t_single = median_time(one_by_one, args.repeats, warmup=0)
+    t_batched = median_time(batched, args.repeats, warmup=0, device=device)
+    t_single = median_time(one_by_one, args.repeats, warmup=0, device=device)
     # the same function: one image at a time gives the batched probabilities
     assert abs(results["single"] - results["batched"][:single]).max() < 1e-4
-    rows = [dict(what=f"batched (test_model.py), batch {args.eval_batch_size}", images=split.num_samples,
+    rows = [dict(what=f"batched (test_model.py), batch {args.eval_batch_size}", device=str(device), dtype="fp32",
+                 batch=args.eval_batch_size, images=split.num_samples,
                  seconds=t_batched, images_per_sec=split.num_samples / t_batched),
-            dict(what="one image per forward", images=single, seconds=t_single, images_per_sec=single / t_single)]
+            dict(what="one image per forward", device=str(device), dtype="fp32", batch=1, images=single,
+                 seconds=t_single, images_per_sec=single / t_single)]
     print(f"\n{dataset} test-set evaluation, {device} ({torch.get_num_threads()} threads), {what}, fp32; "
-          f"the one-image loop runs on the first {single:,} test images; median of {args.repeats}\n")
+          f"the first {split.num_samples:,} test images batched, the first {single:,} one per forward; median of "
+          f"{args.repeats}\n")
     print("| what | images | time (s) | img/s | vs one image per forward |")
     print("|---|---|---|---|---|")
     for r in rows:
@@ -262,14 +418,12 @@ def bench_scaling(args):
         for l in args.scaling_lengths:
             b = max(1, args.tokens // l)
             x = torch.randn(b, l, width, device=device)
-            sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
             def step():
                 model(x).sum().backward()
-                sync()
-            t = median_time(step, args.repeats)
+            t = median_time(step, args.repeats, device=device)
             _, saved = saved_activation_bytes(lambda: model(x).sum())
-            rows.append(dict(model=name, params=params, length=l, batch=b, ms=1e3 * t,
+            rows.append(dict(model=name, device=str(device), dtype="fp32", params=params, length=l, batch=b, ms=1e3 * t,
                              us_per_token=1e6 * t / (b * l), activation_mb=saved / 2**20,
                              activation_kb_per_token=saved / 2**10 / (b * l)))
 
@@ -298,39 +452,107 @@ def bench_scaling(args):
     return rows
 
 
-def main():
-    keep_freed_memory_in_process()
-    parser = argparse.ArgumentParser(description="Benchmarks; each prints a markdown table.")
-    parser.add_argument("what", choices=["ssd", "train", "eval", "scaling"],
-                        help="ssd: our SSD vs mamba_ssm's references on CPU; train: train.py's input pipeline and "
-                             "training step vs a typical per-sample DataLoader; eval: test_model.py's batched "
-                             "test-set pass vs one image per forward")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[196, 784], help="sequence lengths")
-    parser.add_argument("--batch", type=int, default=32, help="sequences per call")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per row (median reported)")
-    parser.add_argument("--data-dir", default="./data", help="train, eval: torchvision's MNIST root")
-    parser.add_argument("--device", default="auto", help="train, eval: auto, cpu, cuda, mps")
-    parser.add_argument("--images", type=int, default=20000, help="train: images timed for the input pipeline")
-    parser.add_argument("--step-images", type=int, default=1024, help="train: images timed for training steps")
-    parser.add_argument("--checkpoint", help="eval: a train.py checkpoint to time (default: the default model, "
-                                                 "untrained: the weights don't change the speed)")
-    parser.add_argument("--eval-batch-size", type=int, default=test_model.build_parser().get_default("batch_size"),
-                        help="eval: batch size of the batched pass (default: test_model.py's)")
-    parser.add_argument("--single-images", type=int, default=500,
-                        help="eval: test images timed one per forward pass (all 10,000 take long on a CPU)")
-    parser.add_argument("--scaling-lengths", type=int, nargs="+", default=[49, 196, 784, 3136],
-                        help="scaling: sequence lengths (7x7, 14x14, 28x28, 56x56 token grids)")
-    parser.add_argument("--tokens", type=int, default=8192, help="scaling: tokens per batch at every length")
-    parser.add_argument("--plot", default="scaling.png", help="scaling: where to write the plot")
-    parser.add_argument("--json", help="also write the rows to this JSON file")
-    args = parser.parse_args()
-    try:
-        rows = {"ssd": bench_ssd, "train": bench_train, "eval": bench_eval, "scaling": bench_scaling}[args.what](args)
-    except (train.UsageError, train.TrainingError) as e:
-        sys.exit(f"error: {e}")
+SECTIONS = {"models": bench_models, "scaling": bench_scaling, "ssd": bench_ssd, "train": bench_train,
+            "eval": bench_eval}
+# --quick: every section at small sizes, ~2 minutes on 2 CPU cores (flags given on the command line still win)
+QUICK = dict(batch_size=32, naive_images=64, repeats=1, scaling_lengths=[49, 196, 784, 3136], tokens=3136,
+             lengths=[196], batch=8, images=2000, step_images=64, train_samples=5000, eval_images=256,
+             single_images=32)
+
+
+def build_parser():
+    count = train.int_at_least(1)
+    p = train.Parser(prog="bench.py", formatter_class=train.HelpFormatter,
+                     description="Benchmarks, each printing a markdown table: " + ", ".join(SECTIONS) +
+                                 " (see the top of bench.py for what each measures).")
+    p.add_argument("sections", nargs="*", metavar="SECTION",
+                   help=f"what to run, any of {', '.join(SECTIONS)} (default: all of them; a section this machine "
+                        "cannot run, such as ssd without mamba-ssm, is then skipped with the reason)")
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes and one repeat, to see every table in about 2 minutes on 2 CPU cores: "
+                        + ", ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                                    for k, v in QUICK.items()))
+    p.add_argument("--device", type=train.device_name, default="auto",
+                   help="models, scaling, train, eval: auto picks cuda, then mps, then cpu (ssd runs on the CPU)")
+    p.add_argument("--data-dir", default="./data",
+                   help="models, train, eval: torchvision's root for MNIST (downloaded when absent)")
+    p.add_argument("--repeats", type=count, default=5, help="timed repeats per measurement (the median is reported)")
+    p.add_argument("--json", help="also write every section's rows, with the machine and the command, to this "
+                                  "JSON file")
+    g = p.add_argument_group("models")
+    g.add_argument("--batch-size", type=count, default=128,
+                   help="training batch (inference: twice as many), train.py's default; the naive pipeline "
+                        "always uses 32")
+    g.add_argument("--naive-images", type=count, default=512, help="images timed through the naive pipeline")
+    g = p.add_argument_group("scaling")
+    g.add_argument("--scaling-lengths", type=count, nargs="+", default=[49, 196, 784, 3136],
+                   help="sequence lengths (7x7, 14x14, 28x28, 56x56 token grids)")
+    g.add_argument("--tokens", type=count, default=8192, help="tokens per batch at every length")
+    g.add_argument("--plot", default="scaling.png", help="where to write the plot")
+    g = p.add_argument_group("ssd")
+    g.add_argument("--lengths", type=count, nargs="+", default=[196, 784], help="sequence lengths")
+    g.add_argument("--batch", type=count, default=32, help="sequences per call")
+    g = p.add_argument_group("train")
+    g.add_argument("--images", type=count, default=20000, help="images timed for the input pipeline")
+    g.add_argument("--step-images", type=count, default=1024, help="images timed for training steps")
+    g.add_argument("--train-samples", type=count, default=None,
+                   help="training images used (default: all 60,000)")
+    g = p.add_argument_group("eval")
+    g.add_argument("--checkpoint", help="a train.py checkpoint to time (default: the default model, untrained: "
+                                        "the weights don't change the speed)")
+    g.add_argument("--eval-batch-size", type=count, default=test_model.build_parser().get_default("batch_size"),
+                   help="batch size of the batched pass (default: test_model.py's)")
+    g.add_argument("--eval-images", type=count, default=None,
+                   help="test images in the batched pass (default: all 10,000)")
+    g.add_argument("--single-images", type=count, default=500,
+                   help="test images timed one per forward pass (all 10,000 take long on a CPU)")
+    return p
+
+
+def machine():
+    cuda = torch.cuda.is_available()
+    return dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
+                torch=torch.__version__, threads=torch.get_num_threads(),
+                gpu=torch.cuda.get_device_name() if cuda else None)
+
+
+def run(args, argv):
+    report = dict(command=" ".join(["python bench.py", *argv]), quick=args.quick, machine=machine(), sections={})
+    explicit = bool(args.sections)
+    for name in args.sections or SECTIONS:
+        try:
+            report["sections"][name] = SECTIONS[name](args)
+        except Unavailable as e:
+            if explicit:
+                raise train.UsageError(f"bench.py {name} cannot run here: {e}") from None
+            print(f"\n{name}: skipped, {e}")
+            report["sections"][name] = {"skipped": str(e)}
+        sys.stdout.flush()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        train.atomic_write(args.json, lambda f: f.write(json.dumps(report, indent=2).encode()))
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def parse_args(argv):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    unknown = [s for s in args.sections if s not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown section {unknown[0]!r}: choose from {', '.join(SECTIONS)}")
+    if args.quick:
+        given = train.given_flags(parser, argv)
+        for key, value in QUICK.items():
+            if key not in given:
+                setattr(args, key, value)
+    return args
+
+
+def main(argv=None):
+    keep_freed_memory_in_process()
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    sys.exit(train.exit_status(lambda: run(args, argv)))
 
 
 if __name__ == "__main__":

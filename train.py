@@ -200,7 +200,7 @@ def build_parser():
                    help="mamba2: Vision Mamba 2; cnn and vit: baselines of about the same parameter count "
                         "(baselines.py), trained by the same recipe so their accuracy compares with it. cnn takes "
                         f"--width; vit takes --d-model (default {ViTConfig.d_model}), --num-blocks, --heads and "
-                        "--mlp-ratio. --out defaults to cnn_mnist.pth / vit_mnist.pth for them (image task only) "
+                        "--mlp-ratio; --out defaults to cnn_mnist.pth / vit_mnist.pth for them. Image task only "
                         "(default: mamba2)")
     g.add_argument("--d-model", type=int_at_least(1), default=model_defaults.d_model,
                    help="channels of the token grid; 128 is enough capacity for MNIST at ~484K parameters")

@@ -1,29 +1,62 @@
-"""bench.py runs and prints its table (tiny sizes; the timings themselves are never asserted)."""
+"""bench.py: every section runs and prints its table, one JSON holds them all, bad input is a one-line error.
+Tiny sizes on the synthetic MNIST of conftest.py; the timings themselves are never asserted."""
 
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
+import json
+import math
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import run_script
+
+HAS_MAMBA_SSM = importlib.util.find_spec("mamba_ssm") is not None
+TINY = ["--repeats", "1", "--batch-size", "2", "--naive-images", "32", "--scaling-lengths", "8", "16",
+        "--tokens", "32", "--lengths", "16", "--batch", "2", "--images", "64", "--step-images", "4",
+        "--eval-images", "8", "--eval-batch-size", "4", "--single-images", "4"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("mamba_ssm") is None, reason="bench.py ssd compares against mamba-ssm")
-def test_bench_ssd_prints_a_table():
-    r = subprocess.run([sys.executable, "bench.py", "ssd", "--lengths", "16", "--batch", "2", "--repeats", "1"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr
-    assert "| 16 |" in r.stdout and "sequential / ours" in r.stdout
+def numbers(rows):
+    return [v for r in rows for v in r.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
 
 
-def test_bench_scaling_prints_a_table_and_plot(tmp_path):
-    plot = tmp_path / "scaling.png"
-    r = subprocess.run([sys.executable, "bench.py", "scaling", "--scaling-lengths", "8", "16", "--tokens", "32",
-                        "--repeats", "1", "--plot", str(plot)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr
-    assert "| Mamba-2 |" in r.stdout and "| attention |" in r.stdout
+def test_every_section_runs_into_one_json(data_dir, tmp_path):
+    out, plot = tmp_path / "bench.json", tmp_path / "scaling.png"
+    proc = run_script("bench.py", "--data-dir", data_dir, "--device", "cpu", "--json", out, "--plot", plot, *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert list(report["sections"]) == ["models", "scaling", "ssd", "train", "eval"]
+    assert report["command"].startswith("python bench.py --data-dir") and report["machine"]["threads"] >= 1
+    if not HAS_MAMBA_SSM:
+        assert "skipped" in report["sections"].pop("ssd") and "ssd: skipped" in proc.stdout
+    for name, rows in report["sections"].items():
+        assert rows and all(math.isfinite(v) and v >= 0 for v in numbers(rows)), (name, rows)
+
+    models = report["sections"]["models"]
+    assert [r["model"].split(" (")[0].split(":")[0] for r in models] == \
+        ["Vision Mamba 2", "CNN", "ViT", "naive pipeline"]  # no CUDA here: no official row
+    assert [r["batch"] for r in models] == [2, 2, 2, 32] and {r["device"] for r in models} == {"cpu"}
+    assert all(r["train_img_s"] > 0 and r["infer_img_s"] > 0 and r["activation_mib"] > 0 and r["peak_mib"] is None
+               for r in models)
+    assert "| Vision Mamba 2 | portable | 484,074 | fp32 | 2 |" in proc.stdout
+    assert {r["model"] for r in report["sections"]["scaling"]} == {"Mamba-2", "attention"}
     assert plot.stat().st_size > 0
+
+
+def test_quick_takes_small_sizes_and_flags_still_win():
+    import bench
+
+    args = bench.parse_args(["--quick", "--repeats", "3", "models"])
+    assert args.repeats == 3 and args.sections == ["models"]
+    assert (args.batch_size, args.tokens, args.eval_images) == (32, 3136, 256)
+    assert bench.parse_args([]).batch_size == 128
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["nonsense"], "unknown section 'nonsense': choose from models, scaling, ssd, train, eval"),
+    (["--repeats", "0"], "--repeats"),
+    (["train", "--data-dir", "{empty}"], "error: "),
+])
+def test_bad_input_is_one_line(argv, message, tmp_path):
+    proc = run_script("bench.py", *[a.format(empty=tmp_path) for a in argv])
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

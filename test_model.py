@@ -101,6 +101,15 @@ def model_kind(ckpt):
     return ckpt["args"].get("task", "image"), ckpt["args"].get("arch", "mamba2")
 
 
+def reads(config, shape):
+    """Whether a model of this config takes items of this (C, H, W) shape (what its forward checks): the
+    sequential models any H x W of seq_len values, the image models their square size."""
+    c, h, w = shape
+    if hasattr(config, "seq_len"):
+        return c == config.in_chans and h * w == config.seq_len
+    return shape == (config.in_chans, config.img_size, config.img_size)
+
+
 def build_model(ckpt, path, device):
     """Exactly the trained model, from the checkpoint alone: its task and arch pick the class (train.MODELS), its
     config the shapes. Checkpoints without a task or arch are Vision Mamba 2 image classifiers; psMNIST's pixel
@@ -185,7 +194,8 @@ def plot_confusion_matrix(cm, classes, title, path):
 
 
 def plot_grid(images, titles, wrong, suptitle, path):
-    """Images (n, H, W) uint8 in a near-square grid, one title each; the wrong ones in red."""
+    """Images (n, H, W) uint8, or 1-D signals (n, 1, L), in a near-square grid, one title each; the wrong ones
+    in red."""
     n = len(images)
     cols = max(1, math.ceil(math.sqrt(n)))
     rows = max(1, math.ceil(n / cols))
@@ -194,7 +204,10 @@ def plot_grid(images, titles, wrong, suptitle, path):
         ax.axis("off")
     for ax, image, title, bad in zip(axes.flat, images, titles, wrong):
         ax.axis("on")
-        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+        if image.shape[0] == 1:  # a signal (MNIST-1D): its curve
+            ax.plot(image[0], color="black", linewidth=1)
+        else:
+            ax.imshow(image, cmap="gray", vmin=0, vmax=255)
         ax.set_xticks([])
         ax.set_yticks([])
         color = "red" if bad else "black"
@@ -236,6 +249,10 @@ def evaluate(args):
     backend = f"backend {resolve_backend(model.config.backend, device)}, " if arch == "mamba2" else ""
     print(f"checkpoint {args.checkpoint}: task {task}, arch {arch}, epoch {ckpt.get('epoch', '?')}, trained on "
           f"{trained_on}, {n_params:,} parameters, {backend}device {device}")
+    shape = tuple(split.images.shape[1:])  # (C, H, W) of one item
+    if not reads(model.config, shape):
+        raise UsageError(f"the {dataset} test set holds items of shape {shape}, which this model, trained on "
+                         f"{trained_on}, does not read: pass the --dataset it was trained on")
     try:
         probs, labels = predict(model, split)
     except torch.OutOfMemoryError:
@@ -268,7 +285,7 @@ def evaluate(args):
 
     rng = np.random.default_rng(args.seed)
     shown = rng.choice(len(labels), size=min(args.num_samples, len(labels)), replace=False)
-    images = split.images[:, 0].cpu().numpy()  # (N, H, W) uint8, as stored
+    images = split.images[:, 0].cpu().numpy()  # (N, H, W) as stored: uint8 pixels, or (N, 1, L) signals
     shown_wrong = preds[shown] != labels[shown]
     plot_grid(images[shown], tile_titles(shown, preds, confidence, labels, classes), shown_wrong,
               f"{len(shown)} random {dataset} test images ({shown_wrong.sum()} wrong, in red)",

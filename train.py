@@ -26,6 +26,7 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime
+import functools
 import itertools
 import math
 import os
@@ -139,7 +140,7 @@ ARCH_DEFAULTS = {"mamba2": {},
                  "vit": {"d_model": ViTConfig.d_model, "num_blocks": ViTConfig.num_blocks, "out": "vit_mnist.pth"}}
 # flags that mean something only for some architectures
 ARCH_FLAGS = {"d_state": ("mamba2",), "headdim": ("mamba2",), "expand": ("mamba2",), "scan": ("mamba2",),
-              "backend": ("mamba2",), "readout": ("mamba2",), "d_model": ("mamba2", "vit"),
+              "backend": ("mamba2",), "d_model": ("mamba2", "vit"),
               "num_blocks": ("mamba2", "vit"), "width": ("cnn",), "heads": ("vit",), "mlp_ratio": ("vit",)}
 
 
@@ -170,7 +171,10 @@ def build_parser():
     g.add_argument("--permutation-seed", type=int_at_least(0), default=0,
                    help="psmnist: seeds the pixel order, which is stored in the checkpoint")
     g.add_argument("--dataset", choices=list(DATASETS), default="mnist",
-                   help="which torchvision dataset; both have 10 classes of 28x28 grey images")
+                   help="mnist, fashion-mnist: torchvision's, 10 classes of 28x28 grey images; mnist1d: Greydanus' "
+                        "MNIST-1D, 10 classes of 1-D signals of 40 steps (4,000 train / 1,000 test), generated "
+                        "offline by the mnist1d package, for --task smnist or psmnist, with --val-size 500 and --out "
+                        "vision_mamba2_<task>_mnist1d.pth by default")
     g.add_argument("--data-dir", default="./data",
                    help="torchvision root: files are read from (or downloaded to) <data-dir>/MNIST/raw/ "
                         "or <data-dir>/FashionMNIST/raw/")
@@ -303,11 +307,43 @@ def merge_resume_args(args, saved, given):
 # ----------------------------------------------------------------------------------------------------
 # Data
 
-# name -> (torchvision dataset class, mean, std of its training pixels in [0, 1])
+@functools.cache
+def mnist1d_arrays():
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError:
+        raise UsageError("--dataset mnist1d needs the mnist1d package: pip install mnist1d") from None
+    return make_dataset(get_dataset_args())  # its get_dataset would try a download first
+
+
+class MNIST1D(torch.utils.data.Dataset):
+    """Greydanus' MNIST-1D: 10 classes of 1-D signals of 40 steps, 4,000 train / 1,000 test, generated offline by
+    the mnist1d package with its default arguments (seed 42: the same set everywhere) and already standardized.
+    Items are (1, 1, 40) "images" of one row, so the sequential models read them one value per step. The
+    torchvision signature, so that it plugs in beside MNIST."""
+
+    classes = [str(d) for d in range(10)]
+
+    def __init__(self, root=None, train=True, transform=None, download=False):
+        d = mnist1d_arrays()
+        x, y = (d["x"], d["y"]) if train else (d["x_test"], d["y_test"])
+        self.data = torch.tensor(x, dtype=torch.float32)[:, None, :]  # (N, 1, 40)
+        self.targets = torch.as_tensor(y)
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.data[i][None], int(self.targets[i])  # (1, 1, 40), label
+
+
+# name -> (dataset class with torchvision's signature, mean, std of its training values (pixels in [0, 1]))
 DATASETS = {
     "mnist": (datasets.MNIST, 0.1307, 0.3081),
     "fashion-mnist": (datasets.FashionMNIST, 0.2860, 0.3530),
+    "mnist1d": (MNIST1D, 0.0, 1.0),
 }
+SEQUENCE_DATASETS = {"mnist1d"}  # 1-D: for the sequential tasks only
 
 
 def load_datasets(name, data_dir, transform):
@@ -374,7 +410,7 @@ class DeviceSplit:
         if isinstance(sampler, range):  # this rank's slice of an evaluation split
             images, labels = images[sampler.start:sampler.stop], labels[sampler.start:sampler.stop]
         self.device = device
-        self.images = images.unsqueeze(1).to(device)  # (N, 1, H, W) uint8: 47 MB for all of MNIST
+        self.images = images.unsqueeze(1).to(device)  # (N, 1, H, W) uint8 (47 MB for all of MNIST), or float
         self.labels = torch.as_tensor(labels).to(device)  # (N,)
         self.batch_size, self.mean, self.std = loader.batch_size, mean, std
         # training under torchrun: every rank draws the same permutation and takes every world_size-th image
@@ -395,7 +431,10 @@ class DeviceSplit:
     def _iterate(self, order, start):
         for i in range(start * self.batch_size, self.num_samples, self.batch_size):
             idx = slice(i, i + self.batch_size) if order is None else order[i:i + self.batch_size]
-            x = self.images[idx].float().div_(255).sub_(self.mean).div_(self.std)  # as ToTensor + Normalize
+            x = self.images[idx].to(torch.float32, copy=True)  # a copy (a slice would be a view): edited in place
+            if self.images.dtype == torch.uint8:
+                x.div_(255)  # as ToTensor
+            x.sub_(self.mean).div_(self.std)  # as Normalize
             yield x, self.labels[idx]
 
 
@@ -706,9 +745,15 @@ def train(args, given):
         # checkpoints older than --task and --arch: the image task, Vision Mamba 2
         merge_resume_args(args, {"task": "image", "arch": "mamba2", **resume["args"]}, given)
     else:
-        for key, value in {**TASK_DEFAULTS[args.task], **ARCH_DEFAULTS[args.arch]}.items():
+        defaults = {**TASK_DEFAULTS[args.task], **ARCH_DEFAULTS[args.arch]}
+        if args.dataset in SEQUENCE_DATASETS:  # MNIST-1D has 4,000 training sequences: a tenth for validation
+            defaults.update(val_size=500, out=f"vision_mamba2_{args.task}_{args.dataset}.pth")
+        for key, value in defaults.items():
             if key not in given:
                 setattr(args, key, value)
+    if args.dataset in SEQUENCE_DATASETS and args.task == "image":
+        raise UsageError(f"--dataset {args.dataset} holds 1-D sequences, not images: train on it with --task smnist "
+                         f"(read in order) or psmnist (in a fixed random order)")
     if (args.task, args.arch) not in MODELS:
         raise UsageError(f"--arch {args.arch} is an image classifier: --task {args.task} takes only --arch mamba2")
     for key in sorted(given & TASK_FLAGS.keys()):
@@ -883,6 +928,9 @@ def train(args, given):
                         print0(f"interrupted in epoch {epoch} at step {epoch_state['step']}/{steps_per_epoch}: "
                                f"saved {last_path}; {resume_hint}", file=sys.stderr)
                         return 130
+                    if ddp:  # DDP syncs buffers at each training forward only: evaluate with rank 0's BatchNorm
+                        for buffer in raw_model.buffers():  # statistics (--arch cnn), the ones its checkpoint holds
+                            dist.broadcast(buffer, 0)
                     val_loss, val_acc = evaluate(model, val_split, criterion, autocast, "validation")
                     if not math.isfinite(val_loss):
                         raise TrainingError(f"the validation loss became {val_loss} in epoch {epoch}: stopping; "

@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402 (after the environment is set)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from helpers import synthetic_digits, write_idx  # noqa: E402
+from helpers import N_TEST, N_TRAIN, synthetic_digits, write_idx  # noqa: E402
 
 
 # One thread in-process too: see PROC_ENV in helpers.py
@@ -26,11 +26,11 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-    """A tiny synthetic dataset (300 train, 100 test images) in torchvision's raw layout, as MNIST and, the same
+    """A tiny synthetic dataset (N_TRAIN train, N_TEST test images) in torchvision's raw layout, as MNIST and, the same
     images, as Fashion-MNIST: train.py and test_model.py read it like the real thing, nothing is downloaded."""
     root = tmp_path_factory.mktemp("data")
     rng = np.random.default_rng(0)
-    for split, n in [("train", 300), ("t10k", 100)]:
+    for split, n in [("train", N_TRAIN), ("t10k", N_TEST)]:
         images, labels = synthetic_digits(n, rng)
         for folder in ("MNIST", "FashionMNIST"):
             raw = root / folder / "raw"

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+N_TRAIN, N_TEST = 300, 100  # images in conftest.py's synthetic dataset
 # One thread: for a model this small it is the fastest, and it keeps its speed when other jobs share the
 # CPU (two threads on two busy cores were 20x slower here). And no test may download anything, even on a
 # machine that could: an unreachable proxy makes torchvision's download fail at once.

@@ -1,5 +1,5 @@
 """The CNN and ViT baselines: their size against Vision Mamba 2's, shapes and config errors, and
-train.py --arch cnn/vit with test_model.py end to end on test_train.py's synthetic IDX files."""
+train.py --arch cnn/vit with test_model.py end to end on conftest.py's synthetic IDX files."""
 
 import json
 
@@ -68,7 +68,7 @@ def test_flags_of_another_arch_are_errors(argv, message, tmp_path, capsys):
     ("cnn", ["--width", "4"], CNN),
     ("vit", ["--d-model", "16", "--num-blocks", "1", "--heads", "2"], ViT),
 ])
-def test_baseline_trains_resumes_and_evaluates(arch, flags, model_cls, data_dir, tmp_path):
+def test_baseline_trains_resumes_and_evaluates(arch, flags, model_cls, data_dir, tmp_path, capsys):
     common = ["--batch-size", "32", "--val-size", "50", "--device", "cpu", "--seed", "0", "--log-interval", "3",
               "--data-dir", data_dir, "--log-dir", tmp_path / "runs"]
     proc = run("train.py", "--arch", arch, *flags, "--epochs", "1", *common, cwd=tmp_path)
@@ -84,6 +84,11 @@ def test_baseline_trains_resumes_and_evaluates(arch, flags, model_cls, data_dir,
     proc = run("train.py", "--resume", tmp_path / f"{arch}_mnist_last.pth", "--epochs", "2", "--out", out, *common)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resuming" in proc.stdout and "epoch 2/2" in proc.stdout and f"model: {arch}, " in proc.stdout
+    # ... and another one is refused, in one line
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--resume", str(tmp_path / f"{arch}_mnist_last.pth"), "--arch", "mamba2", "--data-dir", str(data_dir)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"--arch mamba2 contradicts the checkpoint's {arch}" in err, err
 
     rebuilt = test_model.build_model(load(out), str(out), torch.device("cpu"))
     assert type(rebuilt) is model_cls

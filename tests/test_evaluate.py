@@ -1,5 +1,5 @@
 """
-test_model.py on a checkpoint trained here in seconds (test_train.py's tiny model on its synthetic IDX files):
+test_model.py on a checkpoint trained here in seconds (test_train.py's tiny model on conftest.py's synthetic data):
 every output is written, the numbers agree with each other, and every bad input is one line and an exit code.
 """
 
@@ -20,11 +20,10 @@ from torchvision.datasets import FashionMNIST
 import bench
 import test_model
 import train
-from helpers import PROC_ENV, REPO, load
+from helpers import N_TEST, PROC_ENV, REPO, load
 from test_train import TINY
 from vision_mamba2 import VisionMamba2
 
-N_TEST = 100
 OUTPUTS = ("confusion_matrix.png", "predictions_visualization.png", "confident_mistakes.png", "metrics.json")
 
 

@@ -1,5 +1,5 @@
 """Sequential MNIST: the pixel-by-pixel Mamba-2 classifier (shapes, causality, the pixel order, config errors), and
-train.py --task smnist/psmnist with test_model.py end to end on test_train.py's synthetic IDX files."""
+train.py --task smnist/psmnist with test_model.py end to end on conftest.py's synthetic IDX files and on MNIST-1D."""
 
 
 import pytest
@@ -99,6 +99,7 @@ def test_wrong_inputs_and_unknown_keys():
     (["--task", "psmnist", "--aug-rotate", "5"], "--aug-rotate applies only to --task image"),
     (["--readout", "last"], "--readout applies only to --task smnist or psmnist, not to image"),
     (["--task", "smnist", "--permutation-seed", "3"], "--permutation-seed applies only to --task psmnist"),
+    (["--dataset", "mnist1d"], "--dataset mnist1d holds 1-D sequences, not images: train on it with --task smnist"),
 ])
 def test_flags_of_another_task_are_errors(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # before any data is read
@@ -141,3 +142,46 @@ def test_psmnist_trains_resumes_and_evaluates(data_dir, tmp_path):
     proc = run("test_model.py", "--checkpoint", tmp_path / "other.pth", "--data-dir", data_dir,
                "--out-dir", tmp_path / "eval2", "--device", "cpu")
     assert proc.returncode == 2 and "pixel order is not the one permutation_seed 2 gives" in proc.stderr, proc.stderr
+
+
+class Floats(torch.utils.data.Dataset):
+    """Float data in the layout DeviceSplit reads (.data, .targets), as MNIST1D has."""
+    data = torch.arange(12.0).reshape(4, 1, 3)
+    targets = torch.arange(4)
+
+    def __len__(self):
+        return 4
+
+
+def test_device_split_normalizes_float_data_and_leaves_it_alone():
+    split = train.DeviceSplit(torch.utils.data.DataLoader(Floats(), batch_size=2), torch.device("cpu"), 1.0, 2.0)
+    for _ in range(2):  # a second pass sees the same values: normalizing a batch never edits the stored data
+        x = torch.cat([x for x, _ in split.batches()])
+        assert torch.equal(x, (Floats.data[:, None] - 1.0) / 2.0)
+
+
+def test_mnist1d_trains_and_evaluates(data_dir, tmp_path):
+    pytest.importorskip("mnist1d")
+    out = tmp_path / "m.pth"
+    proc = run("train.py", "--task", "psmnist", "--dataset", "mnist1d", *TINY_FLAGS, "--epochs", "1",
+               "--max-train-samples", "256", "--out", out, "--log-dir", tmp_path / "runs")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "mnist1d: 256 train / 50 validation / 1,000 test images" in proc.stdout
+    assert "task psmnist: 40 pixels per image" in proc.stdout and "test: loss" in proc.stdout
+    ckpt = load(out)
+    assert ckpt["config"]["seq_len"] == 40 and ckpt["dataset"] == "mnist1d"
+    assert torch.equal(ckpt["model"]["permutation"], pixel_permutation(40, 0))
+
+    proc = run("test_model.py", "--checkpoint", out, "--out-dir", tmp_path / "eval", "--num-samples", "4",
+               "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "mnist1d test set: accuracy" in proc.stdout
+    for name in ("confusion_matrix.png", "predictions_visualization.png", "confident_mistakes.png", "metrics.json"):
+        assert (tmp_path / "eval" / name).stat().st_size > 0
+
+    # 28x28 images are not what a 40-step model reads: one line, no traceback
+    proc = run("test_model.py", "--checkpoint", out, "--dataset", "mnist", "--data-dir", data_dir,
+               "--out-dir", tmp_path / "eval2", "--device", "cpu")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "the mnist test set holds items of shape (1, 28, 28), which this model, trained on mnist1d, does not " \
+           "read" in proc.stderr

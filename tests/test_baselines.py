@@ -86,7 +86,8 @@ def test_baseline_trains_resumes_and_evaluates(arch, flags, model_cls, data_dir,
     assert "resuming" in proc.stdout and "epoch 2/2" in proc.stdout and f"model: {arch}, " in proc.stdout
     # ... and another one is refused, in one line
     with pytest.raises(SystemExit) as exit_info:
-        train.main(["--resume", str(tmp_path / f"{arch}_mnist_last.pth"), "--arch", "mamba2", "--data-dir", str(data_dir)])
+        train.main(["--resume", str(tmp_path / f"{arch}_mnist_last.pth"), "--arch", "mamba2",
+                    "--data-dir", str(data_dir)])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and f"--arch mamba2 contradicts the checkpoint's {arch}" in err, err
 

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 import test_model
 import train
-from helpers import PROC_ENV, load
+from helpers import PROC_ENV, REPO, load
 from test_train import CURVES, TINY, run_main, scalars, train_cmd
 from vision_mamba2 import create_vision_mamba2_model
 
@@ -30,12 +30,15 @@ EPOCHS = 2
 DDP = ["--batch-size", "8", "--log-interval", "1"]
 
 
-def torchrun_cmd(data_dir, out_dir, *extra):
+def torchrun_prefix():
     with socket.socket() as s:  # a free port for the rendezvous, so that runs never meet each other
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(port),
-            *train_cmd(data_dir, out_dir, *DDP, *extra)[1:]]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(port)]
+
+
+def torchrun_cmd(data_dir, out_dir, *extra):
+    return [*torchrun_prefix(), *train_cmd(data_dir, out_dir, *DDP, *extra)[1:]]
 
 
 def torchrun(data_dir, out_dir, *extra):
@@ -171,3 +174,22 @@ def test_a_failing_rank_ends_the_job(data_dir, tmp_path):
     assert proc.returncode != 0
     assert "error (rank 0): " in proc.stderr and str(tmp_path / "file") in proc.stderr
     assert "epoch 2/2 |" not in proc.stdout
+
+
+def test_cnn_validates_with_rank_0s_batchnorm_statistics(data_dir, tmp_path):
+    # DDP copies rank 0's buffers to the others only at training forwards: after the last step of an epoch each
+    # rank's BatchNorm running statistics differ, and validation must use the ones the checkpoint holds
+    cmd = [*torchrun_prefix(), str(REPO / "train.py"), "--arch", "cnn", "--width", "4", "--batch-size", "8",
+           "--val-size", "50", "--device", "cpu", "--seed", "0", "--epochs", "1", "--data-dir", str(data_dir),
+           "--out", str(tmp_path / "c.pth"), "--log-dir", str(tmp_path / "runs")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=PROC_ENV, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    best = load(tmp_path / "c.pth")
+    model = test_model.build_model(best, "c.pth", torch.device("cpu"))
+    saved = best["args"]
+    loaders = train.get_mnist_dataloaders(data_dir=data_dir, batch_size=saved["batch_size"],
+                                          val_size=saved["val_size"], seed=saved["seed"])
+    split = train.DeviceSplit(loaders[1], torch.device("cpu"), **best["normalization"])
+    criterion = nn.CrossEntropyLoss(label_smoothing=saved["label_smoothing"])
+    loss, acc = train.evaluate(model, split, criterion, contextlib.nullcontext, "val")
+    assert acc == best["metrics"]["val_acc"] and loss == pytest.approx(best["metrics"]["val_loss"], rel=1e-5)

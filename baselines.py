@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from vision_mamba2 import ModelConfig
+from vision_mamba2 import ModelConfig, check_image_input
 
 
 @dataclass
@@ -52,11 +52,6 @@ class ViTConfig(ModelConfig):
             raise ValueError(f"img_size {self.img_size} must be divisible by patch_size {self.patch_size}")
 
 
-def check_input(x, c):
-    if x.dim() != 4 or tuple(x.shape[1:]) != (c.in_chans, c.img_size, c.img_size):
-        raise ValueError(f"expected input of shape (B, {c.in_chans}, {c.img_size}, {c.img_size}), got {tuple(x.shape)}")
-
-
 def conv_bn_relu(cin, cout):
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
@@ -76,7 +71,7 @@ class CNN(nn.Module):
 
     def forward(self, x):
         # x : (B, in_chans, img_size, img_size)
-        check_input(x, self.config)
+        check_image_input(x, self.config)
         x = self.features(x)  # (B, 4w, img_size/4, img_size/4)
         return self.head(x.mean(dim=(2, 3)))  # (B, num_classes)
 
@@ -104,7 +99,7 @@ class ViT(nn.Module):
 
     def forward(self, x):
         # x : (B, in_chans, img_size, img_size)
-        check_input(x, self.config)
+        check_image_input(x, self.config)
         x = rearrange(self.stem(x) + self.pos_embed, "b d h w -> b (h w) d")  # (B, L, D)
         x = self.norm(self.blocks(x)).mean(dim=1)  # (B, D)
         return self.head(x)  # (B, num_classes)

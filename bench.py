@@ -35,7 +35,7 @@ import train
 from baselines import CNN, CNNConfig, ViT, ViTConfig
 from mamba2_torch import mamba_chunk_scan_combined, rmsnorm_fn
 from train import keep_freed_memory_in_process
-from vision_mamba2 import create_vision_mamba2_model, load_official_kernels
+from vision_mamba2 import count_params, create_vision_mamba2_model, load_official_kernels
 
 
 def sync(device):
@@ -175,7 +175,7 @@ def bench_models(args):
         model.train()
         with autocast():
             _, saved = saved_activation_bytes(lambda: F.cross_entropy(model(x[:batch]), y[:batch]))
-        return dict(params=sum(p.numel() for p in model.parameters()), train_img_s=train_rate,
+        return dict(params=count_params(model), train_img_s=train_rate,
                     infer_img_s=infer_rate, activation_mib=saved / 2**20, peak_mib=peak)
 
     def on_device(model, step, infer):
@@ -425,7 +425,7 @@ def bench_scaling(args):
     rows = []
     for name, backend, build in stacks:
         model = build().to(device)
-        params = sum(p.numel() for p in model.parameters())
+        params = count_params(model)
         for l in args.scaling_lengths:
             b = max(1, args.tokens // l)
             x = torch.randn(b, l, width, device=device)

@@ -260,6 +260,12 @@ class VisionMambaBlock(nn.Module):
         return rearrange(t + y, "b (h w) c -> b c h w", h=h, w=w)
 
 
+def check_image_input(x, c):
+    """The image classifiers' (this one and baselines.py's) check of a batch against their config c."""
+    if x.dim() != 4 or tuple(x.shape[1:]) != (c.in_chans, c.img_size, c.img_size):
+        raise ValueError(f"expected input of shape (B, {c.in_chans}, {c.img_size}, {c.img_size}), got {tuple(x.shape)}")
+
+
 class VisionMamba2(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -282,10 +288,7 @@ class VisionMamba2(nn.Module):
 
     def forward(self, x):
         # x : (B, in_chans, img_size, img_size)
-        c = self.config
-        if x.dim() != 4 or tuple(x.shape[1:]) != (c.in_chans, c.img_size, c.img_size):
-            raise ValueError(f"expected input of shape (B, {c.in_chans}, {c.img_size}, {c.img_size}), "
-                             f"got {tuple(x.shape)}")
+        check_image_input(x, self.config)
         x = self.stem(x) + self.pos_embed  # (B, D, h, w)
         for block in self.blocks:
             x = block(x)

@@ -107,6 +107,20 @@ class Unavailable(Exception):
     """A section that cannot run on this machine (says why)."""
 
 
+def unless_out_of_memory(measure, device):
+    """measure(), or None when the device runs out of memory: the row says so and the run goes on."""
+    try:
+        return measure()
+    except torch.OutOfMemoryError:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return None
+
+
+def cell(value, fmt):
+    return "out of memory" if value is None else format(value, fmt)
+
+
 def sequential_ssd(x, dt, A, B, C, chunk_size, *, D, z, dt_bias, dt_softplus, dt_limit):
     """mamba_chunk_scan_combined's signature over sequential_scan: the naive model's SSD (chunk_size unused)."""
     dt = dt + dt_bias
@@ -132,11 +146,14 @@ def bench_models(args):
     device = train.resolve_device(args.device)
     cuda = device.type == "cuda"
     amp = "bf16 autocast" if cuda else "fp32"  # train.py's default
-    specs = [("Vision Mamba 2", "portable", lambda: create_vision_mamba2_model(backend="portable"), amp)]
+    specs = [("Vision Mamba 2", "portable", lambda: create_vision_mamba2_model(backend="portable"))]
     if cuda and load_official_kernels() is not None:
-        specs.append(("Vision Mamba 2", "official", lambda: create_vision_mamba2_model(backend="official"), amp))
-    specs += [("CNN (baselines.py)", "-", lambda: CNN(CNNConfig()), amp),
-              ("ViT (baselines.py)", "-", lambda: ViT(ViTConfig()), amp)]
+        specs.append(("Vision Mamba 2", "official", lambda: create_vision_mamba2_model(backend="official")))
+    specs += [("CNN (baselines.py)", "-", lambda: CNN(CNNConfig())),
+              ("ViT (baselines.py)", "-", lambda: ViT(ViTConfig()))]
+    # --compile: each model once more through torch.compile (train.py --compile), timed after its compilation
+    specs = [(name, backend, build, compiled) for name, backend, build in specs
+             for compiled in ((False, True) if args.compile else (False,))]
     gen = torch.Generator().manual_seed(0)
     b, naive_batch = args.batch_size, 32
     n = max(2 * b, naive_batch)  # inference takes twice the batch, as train.py
@@ -144,14 +161,16 @@ def bench_models(args):
     y = torch.randint(0, 10, (n,), generator=gen).to(device)
     rows = []
 
-    def measure(build, dtype, batch, step_fn):
+    def measure(build, dtype, batch, step_fn, compiled=False):
         torch.manual_seed(0)
         sync(device)
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device) if cuda else 0
-        model = build().to(device)
+        raw_model = build().to(device)
+        params = count_params(raw_model)
+        model = train.compile_model(raw_model) if compiled else raw_model
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=dtype != "fp32")
 
@@ -169,23 +188,27 @@ def bench_models(args):
             with autocast():
                 return model(xb)
 
-        train_rate, infer_rate = step_fn(model, step, infer)
+        rates = unless_out_of_memory(lambda: step_fn(model, step, infer), device)
+        if rates is None:
+            return dict(params=params, train_img_s=None, infer_img_s=None, activation_mib=None, peak_mib=None)
         sync(device)
         peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if cuda else None
-        model.train()
+        raw_model.train()  # autograd's saved tensors, counted eagerly (a compiled graph saves what it chooses)
         with autocast():
-            _, saved = saved_activation_bytes(lambda: F.cross_entropy(model(x[:batch]), y[:batch]))
-        return dict(params=count_params(model), train_img_s=train_rate,
-                    infer_img_s=infer_rate, activation_mib=saved / 2**20, peak_mib=peak)
+            _, saved = saved_activation_bytes(lambda: F.cross_entropy(raw_model(x[:batch]), y[:batch]))
+        return dict(params=params, train_img_s=rates[0], infer_img_s=rates[1], activation_mib=saved / 2**20,
+                    peak_mib=peak)
 
     def on_device(model, step, infer):
         t_train = median_time(lambda: step(x[:b], y[:b]), args.repeats, device=device)
         t_infer = median_time(lambda: infer(x[:2 * b]), args.repeats, device=device)
         return b / t_train, 2 * b / t_infer
 
-    for name, backend, build, dtype in specs:
-        rows.append(dict(model=name, backend=backend, device=str(device), dtype=dtype, batch=b,
-                         **measure(build, dtype, b, on_device)))
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    for name, backend, build, compiled in specs:
+        rows.append(dict(model=name, backend=backend, compiled=compiled, device=str(device), dtype=amp, batch=b,
+                         **measure(build, amp, b, on_device, compiled)))
+        torch.backends.mha.set_fastpath_enabled(fastpath)  # compile_model turned it off: eager rows keep it
 
     # the naive pipeline: per-sample ToTensor + Normalize in a DataLoader, batch 32, fp32, one token per step
     _, mean, std = train.DATASETS["mnist"]
@@ -205,7 +228,7 @@ def bench_models(args):
                 throughput(to_device(loader(test_set), device), args.naive_images, device, lambda xb, yb: infer(xb)))
 
     rows.append(dict(model="naive pipeline: Vision Mamba 2, sequential scan, DataLoader", backend="loop",
-                     device=str(device), dtype="fp32", batch=naive_batch,
+                     compiled=False, device=str(device), dtype="fp32", batch=naive_batch,
                      **measure(naive_model, "fp32", naive_batch, through_loaders)))
 
     ref = rows[0]
@@ -213,14 +236,16 @@ def bench_models(args):
           f"backward + AdamW step (inference: twice the batch, no grad); median of {args.repeats} after a warm-up; "
           f"the naive pipeline over {args.naive_images} images of its DataLoader. Memory: autograd-saved activations "
           f"of one training batch{'; peak = most allocated by the model during the run' if cuda else ''}\n")
-    print("| model | backend | params | dtype | batch | train img/s | infer img/s | activations MiB | peak MiB "
-          "| train vs ours |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | backend | compiled | params | dtype | batch | train img/s | infer img/s | activations MiB "
+          "| peak MiB | train vs ours |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:,.0f}"
-        print(f"| {r['model']} | {r['backend']} | {r['params']:,} | {r['dtype']} | {r['batch']} | "
-              f"{r['train_img_s']:,.1f} | {r['infer_img_s']:,.1f} | {r['activation_mib']:,.1f} | {peak} | "
-              f"{r['train_img_s'] / ref['train_img_s']:.2f}x |")
+        oom = r["train_img_s"] is None
+        peak = cell(r["peak_mib"], ",.0f") if cuda else "-"
+        ratio = "-" if oom or ref["train_img_s"] is None else f"{r['train_img_s'] / ref['train_img_s']:.2f}x"
+        print(f"| {r['model']} | {r['backend']} | {'yes' if r['compiled'] else 'no'} | {r['params']:,} | "
+              f"{r['dtype']} | {r['batch']} | {cell(r['train_img_s'], ',.1f')} | {cell(r['infer_img_s'], ',.1f')} | "
+              f"{cell(r['activation_mib'], ',.1f')} | {peak} | {ratio} |")
     return rows
 
 
@@ -422,33 +447,42 @@ def bench_scaling(args):
     if device.type == "cuda" and load_official_kernels() is not None:
         stacks.append(("Mamba-2", "official", functools.partial(mamba, "official")))
     stacks.append(("attention", "-", attention))
+    # a GPU needs more tokens per batch than a CPU, or it waits on kernel launches and every length looks alike
+    tokens = args.tokens or (32768 if device.type == "cuda" else 8192)
     rows = []
     for name, backend, build in stacks:
         model = build().to(device)
         params = count_params(model)
         for l in args.scaling_lengths:
-            b = max(1, args.tokens // l)
+            b = max(1, tokens // l)
             x = torch.randn(b, l, width, device=device)
 
             def step():
                 model(x).sum().backward()
-            t = median_time(step, args.repeats, device=device)
-            _, saved = saved_activation_bytes(lambda: model(x).sum())
+
+            def measure():
+                t = median_time(step, args.repeats, device=device)
+                _, saved = saved_activation_bytes(lambda: model(x).sum())
+                return dict(ms=1e3 * t, us_per_token=1e6 * t / (b * l), activation_mib=saved / 2**20,
+                            activation_kib_per_token=saved / 2**10 / (b * l))
+            measured = unless_out_of_memory(measure, device) or dict.fromkeys(
+                ["ms", "us_per_token", "activation_mib", "activation_kib_per_token"])
             rows.append(dict(model=name, backend=backend, device=str(device), dtype="fp32", params=params, length=l,
-                             batch=b, ms=1e3 * t, us_per_token=1e6 * t / (b * l), activation_mib=saved / 2**20,
-                             activation_kib_per_token=saved / 2**10 / (b * l)))
+                             batch=b, **measured))
+            del x
 
     print(f"\n{depth} blocks of width {width}, forward + backward, {device} ({torch.get_num_threads()} threads), fp32, "
-          f"about {args.tokens:,} tokens per batch; median of {args.repeats}\n")
+          f"about {tokens:,} tokens per batch; median of {args.repeats}\n")
     print("| model | backend | params | tokens | batch | time (ms) | us / token | activations (MiB) | KiB / token |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['backend']} | {r['params']:,} | {r['length']:,} | {r['batch']} | {r['ms']:.1f} | "
-              f"{r['us_per_token']:.2f} | {r['activation_mib']:.1f} | {r['activation_kib_per_token']:.1f} |")
+        print(f"| {r['model']} | {r['backend']} | {r['params']:,} | {r['length']:,} | {r['batch']} | "
+              f"{cell(r['ms'], '.1f')} | {cell(r['us_per_token'], '.2f')} | {cell(r['activation_mib'], '.1f')} | "
+              f"{cell(r['activation_kib_per_token'], '.1f')} |")
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
     for name, backend, _ in stacks:
-        mine = [r for r in rows if (r["model"], r["backend"]) == (name, backend)]
+        mine = [r for r in rows if (r["model"], r["backend"]) == (name, backend) and r["ms"] is not None]
         label = name if backend == "-" else f"{name} ({backend})"
         ax_t.plot([r["length"] for r in mine], [r["us_per_token"] for r in mine], "o-", label=label)
         ax_m.plot([r["length"] for r in mine], [r["activation_kib_per_token"] for r in mine], "o-", label=label)
@@ -496,10 +530,15 @@ def build_parser():
                    help="training batch (inference: twice as many), train.py's default; the naive pipeline "
                         "always uses 32")
     g.add_argument("--naive-images", type=count, default=512, help="images timed through the naive pipeline")
+    g.add_argument("--compile", action="store_true",
+                   help="also time each model through torch.compile, as train.py --compile runs it (after its "
+                        "compilation: a minute or more per model)")
     g = p.add_argument_group("scaling")
     g.add_argument("--scaling-lengths", type=count, nargs="+", default=[49, 196, 784, 3136],
                    help="sequence lengths (7x7, 14x14, 28x28, 56x56 token grids)")
-    g.add_argument("--tokens", type=count, default=8192, help="tokens per batch at every length")
+    g.add_argument("--tokens", type=count, default=None,
+                   help="tokens per batch at every length (default: 8,192 on a CPU, 32,768 on a GPU, which needs "
+                        "more work per call or it waits on kernel launches and every length looks alike)")
     g.add_argument("--plot", default="scaling.png", help="where to write the plot")
     g = p.add_argument_group("ssd")
     g.add_argument("--lengths", type=count, nargs="+", default=[196, 784], help="sequence lengths")

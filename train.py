@@ -841,7 +841,7 @@ def train(args, given):
         raw_model = raw_model.to(device)
     except (ValueError, RuntimeError) as e:
         raise UsageError(f"invalid model configuration: {e}") from None
-    model = torch.compile(raw_model) if args.compile else raw_model
+    model = compile_model(raw_model) if args.compile else raw_model
     # training steps go through DDP, which averages the gradients over the ranks; evaluation shards the data
     # and calls the model itself
     train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
@@ -982,6 +982,14 @@ def train(args, given):
     print0(f"test: loss {test_loss:.4f} acc {test_acc:.2%} with the weights of epoch {best_epoch} "
            f"(validation acc {best_val_acc:.2%}) -> {args.out}, {last_path}, {plot_path}")
     return 0
+
+
+def compile_model(model):
+    """torch.compile(model), with PyTorch's fused Transformer inference shortcut turned off for the process: under
+    compile its fake kernel mispredicts the output strides and the compiled ViT fails in eval mode without
+    autocast (pytorch/pytorch#196251); the compiler fuses the attention itself."""
+    torch.backends.mha.set_fastpath_enabled(False)
+    return torch.compile(model)
 
 
 def keep_freed_memory_in_process():

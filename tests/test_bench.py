@@ -37,7 +37,8 @@ def test_every_section_runs_into_one_json(data_dir, tmp_path):
     assert [r["batch"] for r in models] == [2, 2, 2, 32] and {r["device"] for r in models} == {"cpu"}
     assert all(r["train_img_s"] > 0 and r["infer_img_s"] > 0 and r["activation_mib"] > 0 and r["peak_mib"] is None
                for r in models)
-    assert "| Vision Mamba 2 | portable | 484,074 | fp32 | 2 |" in proc.stdout
+    assert "| Vision Mamba 2 | portable | no | 484,074 | fp32 | 2 |" in proc.stdout
+    assert not any(r["compiled"] for r in models)
     assert {r["model"] for r in report["sections"]["scaling"]} == {"Mamba-2", "attention"}
     assert plot.stat().st_size > 0
 
@@ -49,6 +50,30 @@ def test_quick_takes_small_sizes_and_flags_still_win():
     assert args.repeats == 3 and args.sections == ["models"]
     assert (args.batch_size, args.tokens, args.eval_images) == (32, 3136, 256)
     assert bench.parse_args([]).batch_size == 128
+    assert bench.parse_args([]).tokens is None  # chosen by the device: 8,192 on a CPU, 32,768 on a GPU
+
+
+def test_a_row_that_runs_out_of_memory_says_so_and_the_rest_still_run(tmp_path, monkeypatch, capsys):
+    import torch
+
+    import bench
+
+    calls = []
+
+    def median_time(fn, repeats, warmup=1, device=None):  # the second length of every stack runs out of memory
+        calls.append(1)
+        if len(calls) % 2 == 0:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 126.00 MiB")
+        return 0.5
+
+    monkeypatch.setattr(bench, "median_time", median_time)
+    args = bench.parse_args(["scaling", "--device", "cpu", "--scaling-lengths", "8", "16", "--tokens", "32",
+                             "--plot", str(tmp_path / "scaling.png")])
+    rows = bench.bench_scaling(args)
+    assert [r["ms"] is None for r in rows] == [False, True, False, True]
+    assert [r["us_per_token"] for r in rows if r["ms"]] == [500000 / 32, 500000 / 32]
+    assert capsys.readouterr().out.count("| out of memory | out of memory | out of memory | out of memory |") == 2
+    assert (tmp_path / "scaling.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("argv,message", [

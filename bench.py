@@ -170,7 +170,7 @@ def bench_models(args):
         base = torch.cuda.memory_allocated(device) if cuda else 0
         raw_model = build().to(device)
         params = count_params(raw_model)
-        model = train.compile_model(raw_model) if compiled else raw_model
+        model = train.compile_model(raw_model, args.compile_mode) if compiled else raw_model
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=dtype != "fp32")
 
@@ -534,6 +534,8 @@ def build_parser():
     g.add_argument("--compile", action="store_true",
                    help="also time each model through torch.compile, as train.py --compile runs it (after its "
                         "compilation: a minute or more per model)")
+    g.add_argument("--compile-mode", choices=train.COMPILE_MODES, default="default",
+                   help="torch.compile's mode for --compile (reduce-overhead: CUDA graphs on a GPU)")
     g = p.add_argument_group("scaling")
     g.add_argument("--scaling-lengths", type=count, nargs="+", default=[49, 196, 784, 3136],
                    help="sequence lengths (7x7, 14x14, 28x28, 56x56 token grids)")

@@ -190,6 +190,8 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     (["--dropout", "1.5"], "--dropout: must be in [0, 1)"),
     (["--dataset", "cifar10"], "--dataset: invalid choice"),
     (["--device", "toaster"], "--device: not a torch device"),
+    (["--compile-mode", "reduce-overhead"], "--compile-mode applies only with --compile"),
+    (["--compile", "--compile-mode", "fastest"], "--compile-mode: invalid choice"),
 ])
 def test_bad_flags_are_one_line_usage_errors(argv, message, capsys):
     assert run_main(argv) == 2

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from vision_mamba2 import ModelConfig, check_image_input
+from vision_mamba2 import ModelConfig
 
 
 @dataclass
@@ -71,7 +71,7 @@ class CNN(nn.Module):
 
     def forward(self, x):
         # x : (B, in_chans, img_size, img_size)
-        check_image_input(x, self.config)
+        self.config.check_input(x.shape)
         x = self.features(x)  # (B, 4w, img_size/4, img_size/4)
         return self.head(x.mean(dim=(2, 3)))  # (B, num_classes)
 
@@ -99,7 +99,7 @@ class ViT(nn.Module):
 
     def forward(self, x):
         # x : (B, in_chans, img_size, img_size)
-        check_image_input(x, self.config)
+        self.config.check_input(x.shape)
         x = rearrange(self.stem(x) + self.pos_embed, "b d h w -> b (h w) d")  # (B, L, D)
         x = self.norm(self.blocks(x)).mean(dim=1)  # (B, D)
         return self.head(x)  # (B, num_classes)

@@ -101,15 +101,6 @@ def model_kind(ckpt):
     return ckpt["args"].get("task", "image"), ckpt["args"].get("arch", "mamba2")
 
 
-def reads(config, shape):
-    """Whether a model of this config takes items of this (C, H, W) shape (what its forward checks): the
-    sequential models any H x W of seq_len values, the image models their square size."""
-    c, h, w = shape
-    if hasattr(config, "seq_len"):
-        return c == config.in_chans and h * w == config.seq_len
-    return shape == (config.in_chans, config.img_size, config.img_size)
-
-
 def build_model(ckpt, path, device):
     """Exactly the trained model, from the checkpoint alone: its task and arch pick the class (train.MODELS), its
     config the shapes. Checkpoints without a task or arch are Vision Mamba 2 image classifiers; psMNIST's pixel
@@ -250,9 +241,11 @@ def evaluate(args):
     print(f"checkpoint {args.checkpoint}: task {task}, arch {arch}, epoch {ckpt.get('epoch', '?')}, trained on "
           f"{trained_on}, {n_params:,} parameters, {backend}device {device}")
     shape = tuple(split.images.shape[1:])  # (C, H, W) of one item
-    if not reads(model.config, shape):
+    try:
+        model.config.check_input((1, *shape))
+    except ValueError:
         raise UsageError(f"the {dataset} test set holds items of shape {shape}, which this model, trained on "
-                         f"{trained_on}, does not read: pass the --dataset it was trained on")
+                         f"{trained_on}, does not read: pass the --dataset it was trained on") from None
     try:
         probs, labels = predict(model, split)
     except torch.OutOfMemoryError:

@@ -42,7 +42,8 @@ READOUTS = ("mean", "last")  # SequentialMamba2's summary of the sequence: avera
 
 class ModelConfig:
     """What the model configs share: reading one back from a checkpoint, checking the fields (validate_fields),
-    and, in validate, the checks of the Mamba-2 mixer (baselines.py's configs override validate)."""
+    the input check of the image classifiers (check_input), and, in validate, the checks of the Mamba-2 mixer
+    (baselines.py's configs override validate)."""
 
     @classmethod
     def from_dict(cls, d):
@@ -58,6 +59,13 @@ class ModelConfig:
                 raise ValueError(f"{f.name} must be a positive integer, got {value!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def check_input(self, shape):
+        """Raise ValueError unless a batch of this shape is what the model reads: (B, in_chans, img_size, img_size)
+        for the image classifiers (this file's and baselines.py's). test_model.py asks before it evaluates."""
+        if len(shape) != 4 or tuple(shape[1:]) != (self.in_chans, self.img_size, self.img_size):
+            raise ValueError(f"expected input of shape (B, {self.in_chans}, {self.img_size}, {self.img_size}), "
+                             f"got {tuple(shape)}")
 
     def validate(self):
         """Raise ValueError naming the numbers to change if this model cannot be built."""
@@ -129,6 +137,12 @@ class SequentialMamba2Config(ModelConfig):
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
             raise ValueError(f"permutation_seed must be None (row-major order) or an integer >= 0, got {seed!r}")
         super().validate()
+
+    def check_input(self, shape):
+        """Any (B, in_chans, H, W) with H*W = seq_len: the steps are the pixels, row by row."""
+        if len(shape) != 4 or shape[1] != self.in_chans or shape[2] * shape[3] != self.seq_len:
+            raise ValueError(f"expected input of shape (B, {self.in_chans}, H, W) with H*W = seq_len = "
+                             f"{self.seq_len}, got {tuple(shape)}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -260,12 +274,6 @@ class VisionMambaBlock(nn.Module):
         return rearrange(t + y, "b (h w) c -> b c h w", h=h, w=w)
 
 
-def check_image_input(x, c):
-    """The image classifiers' (this one and baselines.py's) check of a batch against their config c."""
-    if x.dim() != 4 or tuple(x.shape[1:]) != (c.in_chans, c.img_size, c.img_size):
-        raise ValueError(f"expected input of shape (B, {c.in_chans}, {c.img_size}, {c.img_size}), got {tuple(x.shape)}")
-
-
 class VisionMamba2(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -288,7 +296,7 @@ class VisionMamba2(nn.Module):
 
     def forward(self, x):
         # x : (B, in_chans, img_size, img_size)
-        check_image_input(x, self.config)
+        self.config.check_input(x.shape)
         x = self.stem(x) + self.pos_embed  # (B, D, h, w)
         for block in self.blocks:
             x = block(x)
@@ -350,10 +358,7 @@ class SequentialMamba2(nn.Module):
     def features(self, x):
         """Per-step features (B, L, D) after the blocks: step t depends only on the pixels read at steps <= t."""
         # x : (B, in_chans, H, W)
-        c = self.config
-        if x.dim() != 4 or x.shape[1] != c.in_chans or x.shape[2] * x.shape[3] != c.seq_len:
-            raise ValueError(f"expected input of shape (B, {c.in_chans}, H, W) with H*W = seq_len = {c.seq_len}, "
-                             f"got {tuple(x.shape)}")
+        self.config.check_input(x.shape)
         x = rearrange(x, "b c h w -> b (h w) c")[:, self.permutation]  # (B, L, C), in reading order
         x = self.embed(x)  # (B, L, D)
         for block in self.blocks:

@@ -409,7 +409,8 @@ def check_on(model, device, batch_size):
 
 
 def compare_backends(model, batch_size):
-    """On CUDA with mamba-ssm: the official kernels against the portable twin, same weights."""
+    """On CUDA with mamba-ssm: the official kernels against the portable twin, same weights. In fp32, as the
+    check before it: Triton compiles and autotunes each kernel per dtype, which took minutes on a fresh H100."""
     c = model.config
     model = model.cuda().eval()
     x = torch.randn(batch_size, c.in_chans, c.img_size, c.img_size, device="cuda")
@@ -417,12 +418,12 @@ def compare_backends(model, batch_size):
     for backend in ("official", "portable"):
         for block in model.blocks:
             block.mixer.backend = backend
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            outputs[backend] = model(x).float()
+        with torch.no_grad():
+            outputs[backend] = model(x)
     for block in model.blocks:
         block.mixer.backend = c.backend
     err = (outputs["official"] - outputs["portable"]).norm() / outputs["portable"].norm()
-    print(f"  official vs portable logits (bf16 autocast): relative error {err:.2e}")
+    print(f"  official vs portable logits (fp32; the kernels may use TF32): relative error {err:.2e}")
 
 
 def main():

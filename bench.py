@@ -107,18 +107,25 @@ class Unavailable(Exception):
     """A section that cannot run on this machine (says why)."""
 
 
-def unless_out_of_memory(measure, device):
-    """measure(), or None when the device runs out of memory: the row says so and the run goes on."""
+def attempt(measure, device, *, compiling=False):
+    """(measure(), None), or (None, why) when the GPU ran out of memory or, for a compiled model, compiling it
+    failed: the row says why and the run goes on."""
     try:
-        return measure()
+        return measure(), None
     except torch.OutOfMemoryError:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        return None
+        why = "out of memory"
+    except Exception as e:
+        if not compiling:
+            raise
+        why = f"compile failed ({type(e).__name__})"
+        print(f"{why}: {test_model.shorten(e)}", file=sys.stderr)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # only now: the except block's traceback held the failed step's tensors
+    return None, why
 
 
-def cell(value, fmt):
-    return "out of memory" if value is None else format(value, fmt)
+def cell(value, fmt, why=None):
+    return why or ("-" if value is None else format(value, fmt))
 
 
 def sequential_ssd(x, dt, A, B, C, chunk_size, *, D, z, dt_bias, dt_softplus, dt_limit):
@@ -162,46 +169,53 @@ def bench_models(args):
     rows = []
 
     def measure(build, dtype, batch, step_fn, compiled=False):
+        raw_model = build()
+        row = dict(params=count_params(raw_model), train_img_s=None, infer_img_s=None, activation_mib=None,
+                   peak_mib=None)
         torch.manual_seed(0)
         sync(device)
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device) if cuda else 0
-        raw_model = build().to(device)
-        params = count_params(raw_model)
-        model = train.compile_model(raw_model, args.compile_mode) if compiled else raw_model
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=dtype != "fp32")
 
-        def step(xb, yb):
-            model.train()
-            with autocast():
-                loss = F.cross_entropy(model(xb), yb)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        def run():
+            raw_model.to(device)
+            model = train.compile_model(raw_model, args.compile_mode) if compiled else raw_model
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
-        @torch.no_grad()
-        def infer(xb):
-            model.eval()
-            with autocast():
-                return model(xb)
+            def step(xb, yb):
+                model.train()
+                with autocast():
+                    loss = F.cross_entropy(model(xb), yb)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
 
-        rates = unless_out_of_memory(lambda: step_fn(model, step, infer), device)
-        if rates is None:
-            return dict(params=params, train_img_s=None, infer_img_s=None, activation_mib=None, peak_mib=None)
-        sync(device)
-        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if cuda else None
-        raw_model.train()  # autograd's saved tensors, counted eagerly (a compiled graph saves what it chooses)
-        with autocast():
-            _, saved = saved_activation_bytes(lambda: F.cross_entropy(raw_model(x[:batch]), y[:batch]))
-        return dict(params=params, train_img_s=rates[0], infer_img_s=rates[1], activation_mib=saved / 2**20,
-                    peak_mib=peak)
+            @torch.no_grad()
+            def infer(xb):
+                model.eval()
+                with autocast():
+                    return model(xb)
 
-    def on_device(model, step, infer):
-        t_train = median_time(lambda: step(x[:b], y[:b]), args.repeats, device=device)
-        t_infer = median_time(lambda: infer(x[:2 * b]), args.repeats, device=device)
+            train_rate, infer_rate = step_fn(model, step, infer, warmup=3 if compiled else 1)
+            sync(device)
+            peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if cuda else None
+            saved = None
+            if not compiled:  # what autograd saves in an eager step (a compiled graph saves what it chooses)
+                raw_model.train()
+                with autocast():
+                    _, saved = saved_activation_bytes(lambda: F.cross_entropy(raw_model(x[:batch]), y[:batch]))
+            return dict(train_img_s=train_rate, infer_img_s=infer_rate, peak_mib=peak,
+                        activation_mib=None if saved is None else saved / 2**20)
+
+        measured, row["failed"] = attempt(run, device, compiling=compiled)
+        return {**row, **(measured or {})}
+
+    def on_device(model, step, infer, warmup):  # a compiled model's warm-ups also record its CUDA graphs
+        t_train = median_time(lambda: step(x[:b], y[:b]), args.repeats, warmup, device=device)
+        t_infer = median_time(lambda: infer(x[:2 * b]), args.repeats, warmup, device=device)
         return b / t_train, 2 * b / t_infer
 
     fastpath = torch.backends.mha.get_fastpath_enabled()
@@ -215,7 +229,7 @@ def bench_models(args):
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
     train_set, test_set = train.load_datasets("mnist", args.data_dir, tf)
 
-    def through_loaders(model, step, infer):
+    def through_loaders(model, step, infer, warmup):  # throughput() warms up on the first batch
         with torch.no_grad():  # the same function as our model, step by step
             ours = create_vision_mamba2_model(backend="portable").to(device).eval()
             ours.load_state_dict(model.state_dict())
@@ -235,17 +249,17 @@ def bench_models(args):
     print(f"\nWhole models on MNIST-sized images, {device} ({torch.get_num_threads()} threads); training = forward + "
           f"backward + AdamW step (inference: twice the batch, no grad); median of {args.repeats} after a warm-up; "
           f"the naive pipeline over {args.naive_images} images of its DataLoader. Memory: autograd-saved activations "
-          f"of one training batch{'; peak = most allocated by the model during the run' if cuda else ''}\n")
+          f"of one eager training batch (compiled rows: -)"
+          f"{'; peak = most allocated by the model during the run' if cuda else ''}\n")
     print("| model | backend | compiled | params | dtype | batch | train img/s | infer img/s | activations MiB "
           "| peak MiB | train vs ours |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        oom = r["train_img_s"] is None
-        peak = cell(r["peak_mib"], ",.0f") if cuda else "-"
-        ratio = "-" if oom or ref["train_img_s"] is None else f"{r['train_img_s'] / ref['train_img_s']:.2f}x"
+        ratio = "-" if r["failed"] or ref["failed"] else f"{r['train_img_s'] / ref['train_img_s']:.2f}x"
         print(f"| {r['model']} | {r['backend']} | {'yes' if r['compiled'] else 'no'} | {r['params']:,} | "
-              f"{r['dtype']} | {r['batch']} | {cell(r['train_img_s'], ',.1f')} | {cell(r['infer_img_s'], ',.1f')} | "
-              f"{cell(r['activation_mib'], ',.1f')} | {peak} | {ratio} |")
+              f"{r['dtype']} | {r['batch']} | {cell(r['train_img_s'], ',.1f', r['failed'])} | "
+              f"{cell(r['infer_img_s'], ',.1f')} | {cell(r['activation_mib'], ',.1f')} | {cell(r['peak_mib'], ',.0f')} "
+              f"| {ratio} |")
     return rows
 
 
@@ -466,10 +480,10 @@ def bench_scaling(args):
                 _, saved = saved_activation_bytes(lambda: model(x).sum())
                 return dict(ms=1e3 * t, us_per_token=1e6 * t / (b * l), activation_mib=saved / 2**20,
                             activation_kib_per_token=saved / 2**10 / (b * l))
-            measured = unless_out_of_memory(measure, device) or dict.fromkeys(
-                ["ms", "us_per_token", "activation_mib", "activation_kib_per_token"])
+            measured, failed = attempt(measure, device)
             rows.append(dict(model=name, backend=backend, device=str(device), dtype="fp32", params=params, length=l,
-                             batch=b, **measured))
+                             batch=b, tokens_per_batch=tokens, failed=failed, **(measured or dict.fromkeys(
+                                 ["ms", "us_per_token", "activation_mib", "activation_kib_per_token"]))))
             del x
 
     print(f"\n{depth} blocks of width {width}, forward + backward, {device} ({torch.get_num_threads()} threads), fp32, "
@@ -478,8 +492,9 @@ def bench_scaling(args):
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['backend']} | {r['params']:,} | {r['length']:,} | {r['batch']} | "
-              f"{cell(r['ms'], '.1f')} | {cell(r['us_per_token'], '.2f')} | {cell(r['activation_mib'], '.1f')} | "
-              f"{cell(r['activation_kib_per_token'], '.1f')} |")
+              + " | ".join(cell(r[k], f, r["failed"]) for k, f in [("ms", ".1f"), ("us_per_token", ".2f"),
+                                                                    ("activation_mib", ".1f"),
+                                                                    ("activation_kib_per_token", ".1f")]) + " |")
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
     for name, backend, _ in stacks:
@@ -540,8 +555,8 @@ def build_parser():
     g.add_argument("--scaling-lengths", type=count, nargs="+", default=[49, 196, 784, 3136],
                    help="sequence lengths (7x7, 14x14, 28x28, 56x56 token grids)")
     g.add_argument("--tokens", type=count, default=None,
-                   help="tokens per batch at every length (default: 8,192 on a CPU, 32,768 on a GPU, where fewer "
-                        "leave every model waiting on kernel launches)")
+                   help="tokens per batch at every length (default: 8,192; 32,768 on CUDA, where fewer left every "
+                        "model waiting on kernel launches on an H100)")
     g.add_argument("--plot", default="scaling.png", help="where to write the plot")
     g = p.add_argument_group("ssd")
     g.add_argument("--lengths", type=count, nargs="+", default=[196, 784], help="sequence lengths")
@@ -595,6 +610,8 @@ def parse_args(argv):
     unknown = [s for s in args.sections if s not in SECTIONS]
     if unknown:
         parser.error(f"unknown section {unknown[0]!r}: choose from {', '.join(SECTIONS)}")
+    if "compile_mode" in train.given_flags(parser, argv) and not args.compile:
+        parser.error("--compile-mode applies only with --compile")
     if args.quick:
         given = train.given_flags(parser, argv)
         for key, value in QUICK.items():

@@ -85,3 +85,48 @@ def test_bad_input_is_one_line(argv, message, tmp_path):
     proc = run_script("bench.py", *[a.format(empty=tmp_path) for a in argv])
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_model_rows_say_why_they_have_no_numbers_and_the_others_still_run(data_dir, monkeypatch, capsys):
+    import torch
+
+    import bench
+    import train
+
+    def compile_model(model, mode="default"):  # stands in for torch.compile: fails on the ViT only
+        torch.backends.mha.set_fastpath_enabled(False)  # as the real one does
+        if isinstance(model, bench.ViT):
+            raise RuntimeError("a compiler bug")
+        return model
+
+    warmups, real_median_time = [], bench.median_time
+
+    def median_time(fn, repeats, warmup=1, device=torch.device("cpu")):  # the first model runs out of memory
+        warmups.append(warmup)
+        if len(warmups) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 126.00 MiB")
+        return real_median_time(fn, repeats, warmup, device)
+
+    monkeypatch.setattr(train, "compile_model", compile_model)
+    monkeypatch.setattr(bench, "median_time", median_time)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    args = bench.parse_args(["models", "--compile", "--device", "cpu", "--data-dir", str(data_dir), "--repeats", "1",
+                             "--batch-size", "2", "--naive-images", "32"])
+    rows = bench.bench_models(args)
+    assert [(r["model"].split()[0], r["compiled"], r["failed"]) for r in rows] == [
+        ("Vision", False, "out of memory"), ("Vision", True, None), ("CNN", False, None), ("CNN", True, None),
+        ("ViT", False, None), ("ViT", True, "compile failed (RuntimeError)"), ("naive", False, None)]
+    assert torch.backends.mha.get_fastpath_enabled() == fastpath  # eager rows keep PyTorch's fused attention
+    assert warmups == [1, 3, 3, 1, 1, 3, 3, 1, 1]  # compiled models warm up longer (CUDA graphs record then)
+    measured = [r for r in rows if not r["failed"]]
+    assert all(r["train_img_s"] > 0 and r["infer_img_s"] > 0 for r in measured)
+    assert [r["activation_mib"] is None for r in measured] == [True, False, True, False, False]  # eager only
+    out, err = capsys.readouterr()
+    assert "| Vision Mamba 2 | portable | no | 484,074 | fp32 | 2 | out of memory | - | - | - | - |" in out
+    assert "| ViT (baselines.py) | - | yes | 506,770 | fp32 | 2 | compile failed (RuntimeError) |" in out
+    assert "compile failed (RuntimeError): a compiler bug" in err
+
+
+def test_compile_mode_needs_compile():
+    proc = run_script("bench.py", "models", "--compile-mode", "reduce-overhead")
+    assert proc.returncode == 2 and "--compile-mode applies only with --compile" in proc.stderr

@@ -234,5 +234,5 @@ def test_help_explains_every_flag(capsys):
     for flag in ("--epochs", "--batch-size", "--lr", "--weight-decay", "--d-model", "--num-blocks", "--d-state",
                  "--headdim", "--expand", "--scan", "--dropout", "--dataset", "--data-dir", "--device", "--backend",
                  "--seed", "--out", "--log-dir", "--resume", "--max-train-samples", "--amp", "--compile",
-                 "--num-workers", "--val-size", "--patience", "--label-smoothing", "--aug-translate"):
+                 "--compile-mode", "--num-workers", "--val-size", "--patience", "--label-smoothing", "--aug-translate"):
         assert flag in text, flag

@@ -91,6 +91,15 @@ def test_the_test_set_goes_through_in_batches_once(checkpoint, data_dir, tmp_pat
     assert sizes == [40, 40, 20]
 
 
+def test_an_image_model_refuses_sequences_in_one_line(checkpoint, data_dir, tmp_path, capsys):
+    pytest.importorskip("mnist1d")
+    status, _, err = run(["--checkpoint", checkpoint, "--data-dir", data_dir, "--out-dir", tmp_path,
+                          "--dataset", "mnist1d", "--device", "cpu"], capsys)
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert "the mnist1d test set holds items of shape (1, 1, 40), which this model, trained on mnist, does not read" \
+        in err
+
+
 def test_other_datasets_use_their_class_names(checkpoint, data_dir, tmp_path, capsys):
     ckpt = load(checkpoint)
     _, mean, std = train.DATASETS["fashion-mnist"]

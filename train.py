@@ -155,7 +155,8 @@ def build_parser():
                     "affine augmentation (MNIST digits are centred, so small shifts/rotations/zooms are what "
                     "the test set varies by). Keep them for MNIST; Fashion-MNIST wants more epochs.",
         epilog="--resume takes every flag not given from the checkpoint. Hyperparameters given must agree with "
-               "it; only --epochs, --patience and the runtime flags (device, paths, workers, amp, compile, compile mode) "
+               "it; only --epochs, --patience and the runtime flags (device, paths, workers, amp, compile and its "
+               "mode) "
                "may differ. Several GPUs or machines: torchrun --nproc_per_node=N train.py ...; a checkpoint "
                "saved at the end of an epoch resumes under any number of processes, one saved mid-epoch "
                "(Ctrl-C) under as many as saved it.")

@@ -106,7 +106,8 @@ def test_compiled_vit_trains_and_validates(data_dir, tmp_path):
     # (pytorch/pytorch#196251) unless train.compile_model turns that shortcut off
     # (reduce-overhead: CUDA graphs on a GPU; on a CPU it compiles as the default mode)
     proc = run("train.py", "--arch", "vit", "--d-model", "16", "--num-blocks", "1", "--heads", "2", "--compile",
-               "--compile-mode", "reduce-overhead", "--epochs", "1", "--batch-size", "64", "--val-size", "50", "--device", "cpu", "--data-dir", data_dir,
+               "--compile-mode", "reduce-overhead", "--epochs", "1", "--batch-size", "64", "--val-size", "50",
+               "--device", "cpu", "--data-dir", data_dir,
                "--out", tmp_path / "vit.pth", "--log-dir", tmp_path / "runs")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "compiled (reduce-overhead)" in proc.stdout and "test: loss" in proc.stdout

@@ -165,6 +165,23 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monke
     assert load(tmp_path / "m.pth")["epoch"] == 1
 
 
+@pytest.mark.parametrize("epochs, patience, ran", [(12, None, 7), (10, None, 6), (12, 2, 3), (6, None, 6)])
+def test_early_stopping_patience_grows_with_the_run(epochs, patience, ran, data_dir, tmp_path, monkeypatch, capsys):
+    """Validation accuracy that never improves after epoch 1: the run stops once `patience` epochs have gone
+    by without a better one; the default patience is half of --epochs, at least 5."""
+    def no_training(model, split, **kwargs):  # the weights never change, so neither does validation accuracy
+        return {"train_loss": 1.0, "train_acc": 0.1, "images_per_sec": 1.0}, None
+
+    monkeypatch.setattr(train, "train_one_epoch", no_training)
+    flags = [] if patience is None else ["--patience", patience]
+    assert run_main([*TINY, "--data-dir", data_dir, "--out", tmp_path / "m.pth", "--log-dir", tmp_path / "runs",
+                     "--epochs", epochs, "--max-train-samples", 64, *flags]) == 0
+    out = capsys.readouterr().out
+    assert len(load(tmp_path / "m_last.pth")["history"]["val_acc"]) == ran
+    stopped = f"early stop: no better validation accuracy for {ran - 1} epochs"
+    assert (stopped in out) == (ran < epochs)
+
+
 def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "m.pth")
     train.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from einops import rearrange
+from torchvision.ops import StochasticDepth
 
 from mamba2_torch import Mamba2
 
@@ -57,8 +58,10 @@ class ModelConfig:
             value = getattr(self, f.name)
             if f.type is int and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{f.name} must be a positive integer, got {value!r}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("dropout", "drop_path"):
+            value = getattr(self, name, 0.0)
+            if not 0 <= value < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
 
     def check_input(self, shape):
         """Raise ValueError unless a batch of this shape is what the model reads: (B, in_chans, img_size, img_size)
@@ -101,6 +104,7 @@ class VisionMamba2Config(ModelConfig):
     chunk_size: int = 64  # the SSD's chunk length: same result for any value; 64 is fastest on CPU (bench.py)
     scan: str = "bi"
     dropout: float = 0.1  # in the classifier head
+    drop_path: float = 0.0  # stochastic depth: the chance that a block's residual branch is skipped for a sample
     backend: str = "auto"
 
     def validate(self):
@@ -126,6 +130,7 @@ class SequentialMamba2Config(ModelConfig):
     ngroups: int = 1
     chunk_size: int = 64
     dropout: float = 0.1  # in the classifier head
+    drop_path: float = 0.0  # stochastic depth, as the image model's
     backend: str = "auto"
     readout: str = "mean"  # what the head sees: the mean over all steps, or the last step
     permutation_seed: int | None = None  # None: pixels in row-major order (sMNIST); a seed: a fixed shuffle (psMNIST)
@@ -250,9 +255,10 @@ class VisionMambaBlock(nn.Module):
     """
 
     def __init__(self, *, dim, grid_size, scan="bi", d_state=32, d_conv=4, expand=2, headdim=32, ngroups=1,
-                 chunk_size=64, backend="auto"):
+                 chunk_size=64, drop_path=0.0, backend="auto"):
         super().__init__()
         self.grid_size = grid_size
+        self.drop_path = StochasticDepth(drop_path, mode="row")  # per sample, in training only
         self.norm = nn.LayerNorm(dim)
         self.mixer = Mamba2Mixer(d_model=dim, d_state=d_state, d_conv=d_conv, expand=expand, headdim=headdim,
                                  ngroups=ngroups, chunk_size=chunk_size, backend=backend)
@@ -271,7 +277,7 @@ class VisionMambaBlock(nn.Module):
         y = self.mixer(rearrange(u, "b k l c -> (b k) l c"))
         y = rearrange(y, "(b k) l c -> b k l c", k=k)
         y = torch.take_along_dim(y, self.inverse[None, :, :, None], dim=2).mean(dim=1)  # back to grid order
-        return rearrange(t + y, "b (h w) c -> b c h w", h=h, w=w)
+        return rearrange(t + self.drop_path(y), "b (h w) c -> b c h w", h=h, w=w)
 
 
 class VisionMamba2(nn.Module):
@@ -288,7 +294,7 @@ class VisionMamba2(nn.Module):
         self.blocks = nn.ModuleList(
             VisionMambaBlock(dim=c.d_model, grid_size=self.grid_size, scan=c.scan, d_state=c.d_state,
                              d_conv=c.d_conv, expand=c.expand, headdim=c.headdim, ngroups=c.ngroups,
-                             chunk_size=c.chunk_size, backend=c.backend)
+                             chunk_size=c.chunk_size, drop_path=c.drop_path, backend=c.backend)
             for _ in range(c.num_blocks))
         self.norm = nn.LayerNorm(c.d_model)
         self.head = nn.Sequential(nn.Linear(c.d_model, c.d_model), nn.GELU(), nn.Dropout(c.dropout),
@@ -316,16 +322,17 @@ class ResidualMamba2Block(nn.Module):
     """Pre-norm residual Mamba-2 block on a sequence: (B, L, D) -> (B, L, D), causal (a step sees only
     itself and the steps before it: Mamba-2's convolution and scan both look back only)."""
 
-    def __init__(self, *, dim, d_state=64, d_conv=4, expand=2, headdim=32, ngroups=1, chunk_size=64,
+    def __init__(self, *, dim, d_state=64, d_conv=4, expand=2, headdim=32, ngroups=1, chunk_size=64, drop_path=0.0,
                  backend="auto"):
         super().__init__()
+        self.drop_path = StochasticDepth(drop_path, mode="row")
         self.norm = nn.LayerNorm(dim)
         self.mixer = Mamba2Mixer(d_model=dim, d_state=d_state, d_conv=d_conv, expand=expand, headdim=headdim,
                                  ngroups=ngroups, chunk_size=chunk_size, backend=backend)
 
     def forward(self, x):
         # x : (B, L, D)
-        return x + self.mixer(self.norm(x))
+        return x + self.drop_path(self.mixer(self.norm(x)))
 
 
 class SequentialMamba2(nn.Module):
@@ -339,7 +346,8 @@ class SequentialMamba2(nn.Module):
         self.embed = nn.Linear(c.in_chans, c.d_model)
         self.blocks = nn.ModuleList(
             ResidualMamba2Block(dim=c.d_model, d_state=c.d_state, d_conv=c.d_conv, expand=c.expand,
-                                headdim=c.headdim, ngroups=c.ngroups, chunk_size=c.chunk_size, backend=c.backend)
+                                headdim=c.headdim, ngroups=c.ngroups, chunk_size=c.chunk_size,
+                                drop_path=c.drop_path, backend=c.backend)
             for _ in range(c.num_blocks))
         self.norm = nn.LayerNorm(c.d_model)
         self.head = nn.Sequential(nn.Linear(c.d_model, c.d_model), nn.GELU(), nn.Dropout(c.dropout),

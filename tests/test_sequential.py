@@ -8,7 +8,7 @@ import torch
 import test_model
 import train
 from helpers import load, run_script as run
-from vision_mamba2 import SequentialMamba2, SequentialMamba2Config, pixel_permutation
+from vision_mamba2 import ResidualMamba2Block, SequentialMamba2, SequentialMamba2Config, pixel_permutation
 
 TINY = dict(d_model=16, num_blocks=2, d_state=8, headdim=8, dropout=0.0)
 TINY_FLAGS = ["--d-model", "16", "--num-blocks", "1", "--d-state", "16", "--headdim", "8", "--batch-size", "32",
@@ -46,6 +46,15 @@ def test_changing_a_pixel_changes_nothing_before_its_step(permutation_seed):
             after = m.features(y)
             assert torch.equal(after[:, :t], before[:, :t]), f"pixel {pixel} (step {t}) changed earlier steps"
             assert not torch.allclose(after[:, t], before[:, t])  # ...and it is read at its own step
+
+
+def test_drop_path_skips_a_samples_whole_block_in_training_only():
+    torch.manual_seed(0)
+    block = ResidualMamba2Block(dim=16, d_state=8, headdim=8, drop_path=0.5)
+    x = torch.randn(64, 10, 16)  # (B, L, D)
+    skipped = (block.train()(x) - x).flatten(1).abs().amax(1) == 0
+    assert 0 < skipped.sum() < len(x)
+    assert not ((block.eval()(x) - x).flatten(1).abs().amax(1) == 0).any()
 
 
 def test_the_pixel_order_is_a_fixed_bijection():

@@ -91,10 +91,28 @@ def test_bad_input_shapes_raise_value_error(shape):
     (dict(patch_size=3), "divisible by patch_size"),
     (dict(num_blocks=0), "num_blocks must be a positive integer"),
     (dict(dropout=1.0), "dropout must be in"),
+    (dict(drop_path=-0.1), "drop_path must be in"),
 ])
 def test_impossible_configs_say_what_to_change(overrides, message):
     with pytest.raises(ValueError, match=message):
         create_vision_mamba2_model(**{**TINY, **overrides})
+
+
+def test_drop_path_skips_whole_residual_branches_in_training_only():
+    """Stochastic depth: in training each sample keeps the block's branch (scaled by 1/(1-p)) or skips it whole;
+    in evaluation the block is deterministic and keeps every branch."""
+    torch.manual_seed(0)
+    p = 0.5
+    block = VisionMambaBlock(dim=16, grid_size=4, d_state=8, headdim=8, drop_path=p)
+    x = torch.randn(64, 16, 4, 4)
+    block.eval()
+    branch = block(x) - x  # (B, C, H, W), all kept
+    assert torch.equal(block(x), block(x)) and (branch.flatten(1).abs().amax(1) > 0).all()
+    block.train()
+    out = block(x) - x
+    skipped = out.flatten(1).abs().amax(1) == 0
+    assert 0 < skipped.sum() < len(x)  # 64 draws at p = 0.5: both outcomes
+    torch.testing.assert_close(out[~skipped], branch[~skipped] / (1 - p))
 
 
 def test_multiple_of_8_applies_only_to_the_official_kernels():

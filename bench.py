@@ -19,6 +19,7 @@ after a warm-up, timed with CUDA events on a GPU (perf_counter after a synchroni
 """
 
 import functools
+import gc
 import json
 import platform
 import statistics
@@ -107,17 +108,17 @@ class Unavailable(Exception):
     """A section that cannot run on this machine (says why)."""
 
 
-def attempt(measure, device, *, compiling=False):
-    """(measure(), None), or (None, why) when the GPU ran out of memory or, for a compiled model, compiling it
-    failed: the row says why and the run goes on."""
+def attempt(measure, device, *, failure=None):
+    """(measure(), None), or (None, why) when the GPU ran out of memory or, where `failure` names what may go wrong
+    (compiling a model, capturing its CUDA graphs), that failed: the row says why and the run goes on."""
     try:
         return measure(), None
     except torch.OutOfMemoryError:
         why = "out of memory"
     except Exception as e:
-        if not compiling:
+        if failure is None:
             raise
-        why = f"compile failed ({type(e).__name__})"
+        why = f"{failure} failed ({type(e).__name__})"
         print(f"{why}: {test_model.shorten(e)}", file=sys.stderr)
     if device.type == "cuda":
         torch.cuda.empty_cache()  # only now: the except block's traceback held the failed step's tensors
@@ -158,9 +159,10 @@ def bench_models(args):
         specs.append(("Vision Mamba 2", "official", lambda: create_vision_mamba2_model(backend="official")))
     specs += [("CNN (baselines.py)", "-", lambda: CNN(CNNConfig())),
               ("ViT (baselines.py)", "-", lambda: ViT(ViTConfig()))]
-    # --compile: each model once more through torch.compile (train.py --compile), timed after its compilation
-    specs = [(name, backend, build, compiled) for name, backend, build in specs
-             for compiled in ((False, True) if args.compile else (False,))]
+    # --compile: each model once more through torch.compile (train.py --compile), timed after its compilation;
+    # --cuda-graphs: once more with its training steps replayed from CUDA graphs (train.py --cuda-graphs)
+    modes = ["eager", *["compiled"] * args.compile, *["CUDA graphs"] * args.cuda_graphs]
+    specs = [(name, backend, build, mode) for name, backend, build in specs for mode in modes]
     gen = torch.Generator().manual_seed(0)
     b, naive_batch = args.batch_size, 32
     n = max(2 * b, naive_batch)  # inference takes twice the batch, as train.py
@@ -168,27 +170,33 @@ def bench_models(args):
     y = torch.randint(0, 10, (n,), generator=gen).to(device)
     rows = []
 
-    def measure(build, dtype, batch, step_fn, compiled=False):
+    def measure(build, dtype, batch, step_fn, mode="eager"):
         raw_model = build()
         row = dict(params=count_params(raw_model), train_img_s=None, infer_img_s=None, activation_mib=None,
                    peak_mib=None)
         torch.manual_seed(0)
         sync(device)
         if cuda:
+            gc.collect()  # a graphed model of an earlier row is a reference cycle: its memory goes only now
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device) if cuda else 0
-        autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=dtype != "fp32")
+        autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=dtype != "fp32",
+                                     cache_enabled=mode != "CUDA graphs")  # as train.py: graphs need it off
 
         def run():
             raw_model.to(device)
-            model = train.compile_model(raw_model, args.compile_mode) if compiled else raw_model
+            model = train.compile_model(raw_model, args.compile_mode) if mode == "compiled" else raw_model
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            train_model = model
+            if mode == "CUDA graphs":  # captured for the training batch's shape; inference stays eager
+                with autocast():
+                    train_model = train.GraphedTraining(raw_model, x[:batch])
 
             def step(xb, yb):
-                model.train()
+                train_model.train()
                 with autocast():
-                    loss = F.cross_entropy(model(xb), yb)
+                    loss = F.cross_entropy(train_model(xb), yb)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -199,18 +207,19 @@ def bench_models(args):
                 with autocast():
                     return model(xb)
 
-            train_rate, infer_rate = step_fn(model, step, infer, warmup=3 if compiled else 1)
+            train_rate, infer_rate = step_fn(model, step, infer, warmup=3 if mode == "compiled" else 1)
             sync(device)
             peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if cuda else None
             saved = None
-            if not compiled:  # what autograd saves in an eager step (a compiled graph saves what it chooses)
+            if mode == "eager":  # what autograd saves in an eager step (compiled or captured graphs: their own)
                 raw_model.train()
                 with autocast():
                     _, saved = saved_activation_bytes(lambda: F.cross_entropy(raw_model(x[:batch]), y[:batch]))
             return dict(train_img_s=train_rate, infer_img_s=infer_rate, peak_mib=peak,
                         activation_mib=None if saved is None else saved / 2**20)
 
-        measured, row["failed"] = attempt(run, device, compiling=compiled)
+        failure = {"eager": None, "compiled": "compile", "CUDA graphs": "CUDA graph capture"}[mode]
+        measured, row["failed"] = attempt(run, device, failure=failure)
         return {**row, **(measured or {})}
 
     def on_device(model, step, infer, warmup):  # a compiled model's warm-ups also record its CUDA graphs
@@ -219,9 +228,9 @@ def bench_models(args):
         return b / t_train, 2 * b / t_infer
 
     fastpath = torch.backends.mha.get_fastpath_enabled()
-    for name, backend, build, compiled in specs:
-        rows.append(dict(model=name, backend=backend, compiled=compiled, device=str(device), dtype=amp, batch=b,
-                         **measure(build, amp, b, on_device, compiled)))
+    for name, backend, build, mode in specs:
+        rows.append(dict(model=name, backend=backend, mode=mode, device=str(device), dtype=amp, batch=b,
+                         **measure(build, amp, b, on_device, mode)))
         torch.backends.mha.set_fastpath_enabled(fastpath)  # compile_model turned it off: eager rows keep it
 
     # the naive pipeline: per-sample ToTensor + Normalize in a DataLoader, batch 32, fp32, one token per step
@@ -242,21 +251,21 @@ def bench_models(args):
                 throughput(to_device(loader(test_set), device), args.naive_images, device, lambda xb, yb: infer(xb)))
 
     rows.append(dict(model="naive pipeline: Vision Mamba 2, sequential scan, DataLoader", backend="loop",
-                     compiled=False, device=str(device), dtype="fp32", batch=naive_batch,
+                     mode="eager", device=str(device), dtype="fp32", batch=naive_batch,
                      **measure(naive_model, "fp32", naive_batch, through_loaders)))
 
     ref = rows[0]
     print(f"\nWhole models on MNIST-sized images, {device} ({torch.get_num_threads()} threads); training = forward + "
           f"backward + AdamW step (inference: twice the batch, no grad); median of {args.repeats} after a warm-up; "
           f"the naive pipeline over {args.naive_images} images of its DataLoader. Memory: autograd-saved activations "
-          f"of one eager training batch (compiled rows: -)"
+          f"of one eager training batch (compiled and CUDA-graph rows: -)"
           f"{'; peak = most allocated by the model during the run' if cuda else ''}\n")
-    print("| model | backend | compiled | params | dtype | batch | train img/s | infer img/s | activations MiB "
+    print("| model | backend | mode | params | dtype | batch | train img/s | infer img/s | activations MiB "
           "| peak MiB | train vs ours |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = "-" if r["failed"] or ref["failed"] else f"{r['train_img_s'] / ref['train_img_s']:.2f}x"
-        print(f"| {r['model']} | {r['backend']} | {'yes' if r['compiled'] else 'no'} | {r['params']:,} | "
+        print(f"| {r['model']} | {r['backend']} | {r['mode']} | {r['params']:,} | "
               f"{r['dtype']} | {r['batch']} | {cell(r['train_img_s'], ',.1f', r['failed'])} | "
               f"{cell(r['infer_img_s'], ',.1f')} | {cell(r['activation_mib'], ',.1f')} | {cell(r['peak_mib'], ',.0f')} "
               f"| {ratio} |")
@@ -551,6 +560,9 @@ def build_parser():
                         "compilation: a minute or more per model)")
     g.add_argument("--compile-mode", choices=train.COMPILE_MODES, default="default",
                    help="torch.compile's mode for --compile (reduce-overhead: CUDA graphs on a GPU)")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="CUDA only: also time each model's training steps replayed from CUDA graphs, as train.py "
+                        "--cuda-graphs runs them (inference stays eager)")
     g = p.add_argument_group("scaling")
     g.add_argument("--scaling-lengths", type=count, nargs="+", default=[49, 196, 784, 3136],
                    help="sequence lengths (7x7, 14x14, 28x28, 56x56 token grids)")
@@ -612,6 +624,8 @@ def parse_args(argv):
         parser.error(f"unknown section {unknown[0]!r}: choose from {', '.join(SECTIONS)}")
     if "compile_mode" in train.given_flags(parser, argv) and not args.compile:
         parser.error("--compile-mode applies only with --compile")
+    if args.cuda_graphs and train.resolve_device(args.device).type != "cuda":
+        parser.error("--cuda-graphs needs a CUDA GPU (and --device auto or cuda)")
     if args.quick:
         given = train.given_flags(parser, argv)
         for key, value in QUICK.items():

@@ -140,7 +140,7 @@ ARCH_DEFAULTS = {"mamba2": {},
                  "vit": {"d_model": ViTConfig.d_model, "num_blocks": ViTConfig.num_blocks, "out": "vit_mnist.pth"}}
 # flags that mean something only for some architectures
 ARCH_FLAGS = {"d_state": ("mamba2",), "headdim": ("mamba2",), "expand": ("mamba2",), "scan": ("mamba2",),
-              "backend": ("mamba2",), "d_model": ("mamba2", "vit"),
+              "backend": ("mamba2",), "drop_path": ("mamba2",), "d_model": ("mamba2", "vit"),
               "num_blocks": ("mamba2", "vit"), "width": ("cnn",), "heads": ("vit",), "mlp_ratio": ("vit",)}
 
 
@@ -233,6 +233,9 @@ def build_parser():
                    help="vit: hidden width of each block's MLP, as a multiple of --d-model")
     g.add_argument("--dropout", type=float_in(0, 1, hi_open=True), default=model_defaults.dropout,
                    help="dropout in the classifier head")
+    g.add_argument("--drop-path", type=float_in(0, 1, hi_open=True), default=model_defaults.drop_path,
+                   help="stochastic depth: in training, skip each Mamba-2 block's residual branch for this fraction "
+                        "of the images (as Vim and VMamba; 0 = off, the measured recipe; not yet tuned here)")
     g.add_argument("--backend", choices=list(BACKENDS), default=model_defaults.backend,
                    help="Mamba-2 implementation: official (mamba-ssm CUDA kernels), portable (pure PyTorch), "
                         "auto (official when on CUDA with mamba-ssm installed)")
@@ -277,6 +280,11 @@ def build_parser():
     g.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
                    help="torch.compile's mode, with --compile: reduce-overhead also replays CUDA graphs on a GPU, "
                         "which saves the launch of each small kernel (not yet measured here)")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="CUDA only: capture the model's training forward and backward pass once as CUDA graphs and "
+                        "replay them every step (torch.cuda.make_graphed_callables): two launches instead of "
+                        "hundreds of small kernels, which bound this model's steps on an H100 (README), and no "
+                        "compiling. Not with --compile or torchrun. New: not yet measured on a GPU")
     g.add_argument("--out", default="vision_mamba2_mnist.pth",
                    help="best-on-validation checkpoint; the last checkpoint (*_last.pth) and "
                         "training_history.png go next to it")
@@ -301,7 +309,8 @@ def given_flags(parser, argv):
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 # what a resumed run may change; the other flags must agree with the checkpoint
-RESUME_MAY_CHANGE = {"epochs", "patience", "device", "amp", "compile", "compile_mode", "data_dir", "data_on_device",
+RESUME_MAY_CHANGE = {"epochs", "patience", "device", "amp", "compile", "compile_mode", "cuda_graphs", "data_dir",
+                     "data_on_device",
                      "num_workers", "out", "log_dir", "run_name", "resume", "log_interval"}
 
 
@@ -778,6 +787,9 @@ def train(args, given):
                              f"not to {args.arch}")
     if "compile_mode" in given and not args.compile:
         raise UsageError("--compile-mode applies only with --compile")
+    if args.cuda_graphs and args.compile:
+        raise UsageError("--cuda-graphs and --compile exclude each other (--compile-mode reduce-overhead is "
+                         "torch.compile's own use of CUDA graphs)")
     task = "" if args.task == "image" else f"{args.task}-"
     arch = "" if args.arch == "mamba2" else f"{args.arch}-"
     args.run_name = args.run_name or f"{arch}{task}{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -796,6 +808,9 @@ def train(args, given):
                              f"the CPU with --device cpu")
         # a rank that exits makes torchrun end the others; the timeout ends a job whose rank hangs
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=10))
+    if args.cuda_graphs and (device.type != "cuda" or ddp):
+        raise UsageError("--cuda-graphs runs only on a CUDA GPU, in one process (not under torchrun)"
+                         if device.type == "cuda" else f"--cuda-graphs runs only on a CUDA GPU, not on {device}")
     rank, world_size = rank_and_world_size()
     master = rank == 0
 
@@ -871,7 +886,8 @@ def train(args, given):
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
 
     def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp)
+        # make_graphed_callables requires autocast's weight cache off (it only saves recasting a weight used twice)
+        return torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp, cache_enabled=not args.cuda_graphs)
 
     history = {k: [] for k in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_sec")}
     start_epoch, best_val_acc, best_epoch, metrics, epoch_state = 0, -1.0, 0, {}, None
@@ -903,6 +919,14 @@ def train(args, given):
                 "best_val_acc": best_val_acc, "best_epoch": best_epoch, "history": history, "epoch_state": state,
                 "other_ranks": ranks[1:]}
 
+    if args.cuda_graphs:  # captured now, with the weights it starts from (graphing changes none of them)
+        try:
+            with autocast():
+                train_model = GraphedTraining(raw_model, torch.zeros(args.batch_size, *image_shape, device=device))
+        except Exception as e:
+            what = "ran out of GPU memory (lower --batch-size)" if isinstance(e, torch.OutOfMemoryError) else \
+                f"failed ({type(e).__name__}: {e})"
+            raise TrainingError(f"capturing the CUDA graphs {what}: train without --cuda-graphs") from None
     n_params = sum(p.numel() for p in raw_model.parameters())
     print0(f"{args.dataset}: {len(loaders[0].dataset):,} train / {len(loaders[1].dataset):,} validation / "
            f"{len(loaders[2].dataset):,} test images, "
@@ -911,7 +935,7 @@ def train(args, given):
         order = ("row-major order" if args.task == "smnist" else
                  f"the order of --permutation-seed {args.permutation_seed}")
         print0(f"task {args.task}: {raw_model.config.seq_len} pixels per image, one per step, in {order}")
-    compiled_note = "" if not args.compile else \
+    compiled_note = ", CUDA graphs" if args.cuda_graphs else "" if not args.compile else \
         ", compiled" if args.compile_mode == "default" else f", compiled ({args.compile_mode})"
     print0(f"model: {args.arch}, {n_params:,} parameters{f', backend {backend}' if backend else ''}, device {device}, "
            f"amp {str(amp_dtype).removeprefix('torch.') if use_amp else 'off'}{compiled_note}")
@@ -1007,6 +1031,34 @@ def compile_model(model, mode="default"):
     autocast (pytorch/pytorch#196251); the compiler fuses the attention itself."""
     torch.backends.mha.set_fastpath_enabled(False)
     return torch.compile(model, mode=mode)
+
+
+class GraphedTraining(nn.Module):
+    """The model's training forward and backward pass, captured once as CUDA graphs and replayed every step
+    (torch.cuda.make_graphed_callables): on a GPU this model's steps are bound by launching hundreds of small
+    kernels one by one from Python, and a replay launches each pass at once. Batches of another size (an epoch's
+    last) run the model eagerly, and so does evaluation (make_graphed_callables keeps the eager forward for the
+    mode it did not capture). The weights' .grad may then share the graph's gradient buffers: train with
+    zero_grad(set_to_none=True) before each backward, as train.py does, never by accumulating gradients."""
+
+    def __init__(self, model, sample):
+        super().__init__()
+        # sample : (B, C, H, W), the training batch shape the graphs are captured for
+        self.model, self.eager, self.shape = model, model.forward, sample.shape
+        # the three warm-up passes before the capture move BatchNorm's running statistics and draw dropout masks:
+        # undone, so that the run (and a resumed one) goes on as if they had not happened
+        buffers = [b.clone() for b in model.buffers()]
+        rng = torch.cuda.get_rng_state(sample.device)
+        model.train()
+        with torch.cuda.device(sample.device):  # its side stream and capture live on the current device
+            torch.cuda.make_graphed_callables(model, (sample,))  # replaces model.forward in training mode
+        torch.cuda.set_rng_state(rng, sample.device)
+        with torch.no_grad():
+            for b, saved in zip(model.buffers(), buffers):
+                b.copy_(saved)
+
+    def forward(self, x):
+        return self.model(x) if x.shape == self.shape else self.eager(x)
 
 
 def keep_freed_memory_in_process():

@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from helpers import run_script
 
@@ -37,8 +38,8 @@ def test_every_section_runs_into_one_json(data_dir, tmp_path):
     assert [r["batch"] for r in models] == [2, 2, 2, 32] and {r["device"] for r in models} == {"cpu"}
     assert all(r["train_img_s"] > 0 and r["infer_img_s"] > 0 and r["activation_mib"] > 0 and r["peak_mib"] is None
                for r in models)
-    assert "| Vision Mamba 2 | portable | no | 484,074 | fp32 | 2 |" in proc.stdout
-    assert not any(r["compiled"] for r in models)
+    assert "| Vision Mamba 2 | portable | eager | 484,074 | fp32 | 2 |" in proc.stdout
+    assert {r["mode"] for r in models} == {"eager"}
     assert {r["model"] for r in report["sections"]["scaling"]} == {"Mamba-2", "attention"}
     assert plot.stat().st_size > 0
 
@@ -113,20 +114,27 @@ def test_model_rows_say_why_they_have_no_numbers_and_the_others_still_run(data_d
     args = bench.parse_args(["models", "--compile", "--device", "cpu", "--data-dir", str(data_dir), "--repeats", "1",
                              "--batch-size", "2", "--naive-images", "32"])
     rows = bench.bench_models(args)
-    assert [(r["model"].split()[0], r["compiled"], r["failed"]) for r in rows] == [
-        ("Vision", False, "out of memory"), ("Vision", True, None), ("CNN", False, None), ("CNN", True, None),
-        ("ViT", False, None), ("ViT", True, "compile failed (RuntimeError)"), ("naive", False, None)]
+    assert [(r["model"].split()[0], r["mode"], r["failed"]) for r in rows] == [
+        ("Vision", "eager", "out of memory"), ("Vision", "compiled", None), ("CNN", "eager", None),
+        ("CNN", "compiled", None), ("ViT", "eager", None), ("ViT", "compiled", "compile failed (RuntimeError)"),
+        ("naive", "eager", None)]
     assert torch.backends.mha.get_fastpath_enabled() == fastpath  # eager rows keep PyTorch's fused attention
     assert warmups == [1, 3, 3, 1, 1, 3, 3, 1, 1]  # compiled models warm up longer (CUDA graphs record then)
     measured = [r for r in rows if not r["failed"]]
     assert all(r["train_img_s"] > 0 and r["infer_img_s"] > 0 for r in measured)
     assert [r["activation_mib"] is None for r in measured] == [True, False, True, False, False]  # eager only
     out, err = capsys.readouterr()
-    assert "| Vision Mamba 2 | portable | no | 484,074 | fp32 | 2 | out of memory | - | - | - | - |" in out
-    assert "| ViT (baselines.py) | - | yes | 506,770 | fp32 | 2 | compile failed (RuntimeError) |" in out
+    assert "| Vision Mamba 2 | portable | eager | 484,074 | fp32 | 2 | out of memory | - | - | - | - |" in out
+    assert "| ViT (baselines.py) | - | compiled | 506,770 | fp32 | 2 | compile failed (RuntimeError) |" in out
     assert "compile failed (RuntimeError): a compiler bug" in err
 
 
 def test_compile_mode_needs_compile():
     proc = run_script("bench.py", "models", "--compile-mode", "reduce-overhead")
     assert proc.returncode == 2 and "--compile-mode applies only with --compile" in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
+def test_cuda_graphs_need_a_gpu():
+    proc = run_script("bench.py", "models", "--cuda-graphs")
+    assert proc.returncode == 2 and "--cuda-graphs needs a CUDA GPU" in proc.stderr

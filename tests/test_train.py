@@ -209,6 +209,8 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     (["--device", "toaster"], "--device: not a torch device"),
     (["--compile-mode", "reduce-overhead"], "--compile-mode applies only with --compile"),
     (["--compile", "--compile-mode", "fastest"], "--compile-mode: invalid choice"),
+    (["--cuda-graphs", "--compile"], "--cuda-graphs and --compile exclude each other"),
+    (["--arch", "cnn", "--drop-path", "0.1"], "--drop-path applies only to --arch mamba2"),
 ])
 def test_bad_flags_are_one_line_usage_errors(argv, message, capsys):
     assert run_main(argv) == 2
@@ -219,6 +221,7 @@ def test_bad_flags_are_one_line_usage_errors(argv, message, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--headdim", "7"], "invalid model configuration: d_model*expand = 32 must be divisible by headdim = 7"),
     (["--val-size", "300"], "--val-size 300 leaves no training images"),
+    (["--cuda-graphs"], "--cuda-graphs runs only on a CUDA GPU, not on cpu"),  # TINY says --device cpu
 ])
 def test_unusable_values_are_one_line_errors(argv, message, data_dir, tmp_path, capsys):
     assert run_main([*TINY, "--data-dir", data_dir, "--out", tmp_path / "m.pth", "--log-dir", tmp_path, *argv]) == 2

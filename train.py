@@ -125,7 +125,7 @@ TASK_DEFAULTS = {"image": {},
                  "smnist": {**SEQUENCE_DEFAULTS, "out": "vision_mamba2_smnist.pth"},
                  "psmnist": {**SEQUENCE_DEFAULTS, "out": "vision_mamba2_psmnist.pth"}}
 # flags that mean something only for some tasks: giving one to another task is an error
-TASK_FLAGS = {"scan": ("image",), "aug_translate": ("image",), "aug_rotate": ("image",), "aug_scale": ("image",),
+TASK_FLAGS = {"scan": ("image",), "stem_width": ("image",), "aug_translate": ("image",), "aug_rotate": ("image",), "aug_scale": ("image",),
               "readout": ("smnist", "psmnist"), "permutation_seed": ("psmnist",)}
 
 # (--task, --arch) -> (config class, model class); test_model.py rebuilds checkpoints through the same table.
@@ -140,7 +140,8 @@ ARCH_DEFAULTS = {"mamba2": {},
                  "vit": {"d_model": ViTConfig.d_model, "num_blocks": ViTConfig.num_blocks, "out": "vit_mnist.pth"}}
 # flags that mean something only for some architectures
 ARCH_FLAGS = {"d_state": ("mamba2",), "headdim": ("mamba2",), "expand": ("mamba2",), "scan": ("mamba2",),
-              "backend": ("mamba2",), "drop_path": ("mamba2",), "d_model": ("mamba2", "vit"),
+              "backend": ("mamba2",), "drop_path": ("mamba2",), "stem_width": ("mamba2",),
+              "d_model": ("mamba2", "vit"),
               "num_blocks": ("mamba2", "vit"), "width": ("cnn",), "heads": ("vit",), "mlp_ratio": ("vit",)}
 
 
@@ -208,6 +209,10 @@ def build_parser():
                         f"--width; vit takes --d-model (default {ViTConfig.d_model}), --num-blocks, --heads and "
                         "--mlp-ratio; --out defaults to cnn_mnist.pth / vit_mnist.pth for them. Image task only "
                         "(default: mamba2)")
+    g.add_argument("--stem-width", type=int_at_least(1), default=model_defaults.stem_width,
+                   help="channels of a full-resolution 3x3 conv + BatchNorm + GELU before the tokenizing conv, for "
+                        "local 2-D features before the 1-D scans (early convolutions, as in hybrid ViTs); default: "
+                        "none, one conv (the measured recipe; 12 keeps the model under 500K parameters)")
     g.add_argument("--d-model", type=int_at_least(1), default=model_defaults.d_model,
                    help="channels of the token grid; 128 is enough capacity for MNIST at ~484K parameters")
     g.add_argument("--num-blocks", type=int_at_least(1), default=model_defaults.num_blocks,

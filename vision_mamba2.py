@@ -94,6 +94,7 @@ class VisionMamba2Config(ModelConfig):
     in_chans: int = 1
     num_classes: int = 10
     patch_size: int = 2  # stem stride: 28x28 pixels -> 14x14 tokens
+    stem_width: int | None = None  # None: one conv; a width: a full-resolution 3x3 conv + BN + GELU of it first
     d_model: int = 128
     num_blocks: int = 4
     d_state: int = 32
@@ -111,6 +112,8 @@ class VisionMamba2Config(ModelConfig):
         if self.scan not in SCANS:
             raise ValueError(f"scan must be one of {list(SCANS)}, got {self.scan!r}")
         super().validate()
+        if self.stem_width is not None and (not isinstance(self.stem_width, int) or self.stem_width < 1):
+            raise ValueError(f"stem_width must be None (one conv) or a positive integer, got {self.stem_width!r}")
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} must be divisible by patch_size {self.patch_size}")
 
@@ -286,8 +289,12 @@ class VisionMamba2(nn.Module):
         self.config = c = buildable(config)
         p = c.patch_size
         self.grid_size = c.img_size // p
-        # overlapping conv stem: kernel 2p-1, stride p -> (img_size/p)^2 tokens
-        self.stem = nn.Conv2d(c.in_chans, c.d_model, kernel_size=2 * p - 1, stride=p, padding=p - 1)
+        # overlapping conv stem: kernel 2p-1, stride p -> (img_size/p)^2 tokens; with stem_width, a 3x3 conv at full
+        # resolution first ("early convolutions", Xiao et al. 2021): local 2-D features before the 1-D scans
+        tokens = nn.Conv2d(c.stem_width or c.in_chans, c.d_model, kernel_size=2 * p - 1, stride=p, padding=p - 1)
+        self.stem = tokens if c.stem_width is None else nn.Sequential(
+            nn.Conv2d(c.in_chans, c.stem_width, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(c.stem_width),
+            nn.GELU(), tokens)
         self.pos_embed = nn.Parameter(torch.zeros(1, c.d_model, self.grid_size, self.grid_size))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.pos_embed._no_weight_decay = True  # embeddings, like norms and the SSM's A_log/D/dt_bias
@@ -438,7 +445,8 @@ def main():
     parser = argparse.ArgumentParser(description="Check the Vision Mamba 2 architecture: shapes, parameters, "
                                                  "backend, a forward and backward pass on CPU (and CUDA).")
     for f in dataclasses.fields(VisionMamba2Config):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+        parser.add_argument("--" + f.name.replace("_", "-"), type=int if f.default is None else type(f.default),
+                            default=f.default,
                             help=f"(default: {f.default})")
     parser.add_argument("--batch-size", type=int, default=4)
     args = vars(parser.parse_args())

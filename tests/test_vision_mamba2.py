@@ -34,6 +34,15 @@ def test_default_model_is_under_500k_parameters():
     assert (model.config.d_model, model.config.num_blocks) == (128, 4)
 
 
+def test_conv_stem_option():
+    """stem_width: a full-resolution conv first; the same token grid after it, and 12 keeps the default model under
+    500K parameters."""
+    model = create_vision_mamba2_model(stem_width=12)
+    assert model.stem(torch.randn(2, 1, 28, 28)).shape == (2, 128, 14, 14)
+    assert sum(p.numel() for p in model.parameters()) <= 500_000
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
 @pytest.mark.parametrize("scan", ["uni", "bi", "cross"])
 def test_scan_orders_are_permutations(scan):
     orders = scan_orders(scan, 3, 4)
@@ -92,6 +101,7 @@ def test_bad_input_shapes_raise_value_error(shape):
     (dict(num_blocks=0), "num_blocks must be a positive integer"),
     (dict(dropout=1.0), "dropout must be in"),
     (dict(drop_path=-0.1), "drop_path must be in"),
+    (dict(stem_width=0), "stem_width must be None"),
 ])
 def test_impossible_configs_say_what_to_change(overrides, message):
     with pytest.raises(ValueError, match=message):

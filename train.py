@@ -125,8 +125,8 @@ TASK_DEFAULTS = {"image": {},
                  "smnist": {**SEQUENCE_DEFAULTS, "out": "vision_mamba2_smnist.pth"},
                  "psmnist": {**SEQUENCE_DEFAULTS, "out": "vision_mamba2_psmnist.pth"}}
 # flags that mean something only for some tasks: giving one to another task is an error
-TASK_FLAGS = {"scan": ("image",), "stem_width": ("image",), "aug_translate": ("image",), "aug_rotate": ("image",), "aug_scale": ("image",),
-              "readout": ("smnist", "psmnist"), "permutation_seed": ("psmnist",)}
+TASK_FLAGS = {"scan": ("image",), "stem_width": ("image",), "aug_translate": ("image",), "aug_rotate": ("image",),
+              "aug_scale": ("image",), "readout": ("smnist", "psmnist"), "permutation_seed": ("psmnist",)}
 
 # (--task, --arch) -> (config class, model class); test_model.py rebuilds checkpoints through the same table.
 # The baselines (baselines.py) are image classifiers of about the Mamba model's size, trained by the same recipe
@@ -157,8 +157,7 @@ def build_parser():
                     "the test set varies by). Keep them for MNIST; Fashion-MNIST wants more epochs.",
         epilog="--resume takes every flag not given from the checkpoint. Hyperparameters given must agree with "
                "it; only --epochs, --patience and the runtime flags (device, paths, workers, amp, compile and its "
-               "mode) "
-               "may differ. Several GPUs or machines: torchrun --nproc_per_node=N train.py ...; a checkpoint "
+               "mode, CUDA graphs) may differ. Several GPUs or machines: torchrun --nproc_per_node=N train.py ...; a checkpoint "
                "saved at the end of an epoch resumes under any number of processes, one saved mid-epoch "
                "(Ctrl-C) under as many as saved it.")
 
@@ -315,8 +314,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 # what a resumed run may change; the other flags must agree with the checkpoint
 RESUME_MAY_CHANGE = {"epochs", "patience", "device", "amp", "compile", "compile_mode", "cuda_graphs", "data_dir",
-                     "data_on_device",
-                     "num_workers", "out", "log_dir", "run_name", "resume", "log_interval"}
+                     "data_on_device", "num_workers", "out", "log_dir", "run_name", "resume", "log_interval"}
 
 
 def merge_resume_args(args, saved, given):

@@ -161,7 +161,7 @@ def bench_models(args):
               ("ViT (baselines.py)", "-", lambda: ViT(ViTConfig()))]
     # --compile: each model once more through torch.compile (train.py --compile), timed after its compilation;
     # --cuda-graphs: once more with its training steps replayed from CUDA graphs (train.py --cuda-graphs)
-    modes = ["eager", *["compiled"] * args.compile, *["CUDA graphs"] * args.cuda_graphs]
+    modes = ["eager"] + (["compiled"] if args.compile else []) + (["CUDA graphs"] if args.cuda_graphs else [])
     specs = [(name, backend, build, mode) for name, backend, build in specs for mode in modes]
     gen = torch.Generator().manual_seed(0)
     b, naive_batch = args.batch_size, 32
@@ -218,7 +218,7 @@ def bench_models(args):
             return dict(train_img_s=train_rate, infer_img_s=infer_rate, peak_mib=peak,
                         activation_mib=None if saved is None else saved / 2**20)
 
-        failure = {"eager": None, "compiled": "compile", "CUDA graphs": "CUDA graph capture"}[mode]
+        failure = {"eager": None, "compiled": "compile", "CUDA graphs": "CUDA graphs"}[mode]
         measured, row["failed"] = attempt(run, device, failure=failure)
         return {**row, **(measured or {})}
 
@@ -624,8 +624,13 @@ def parse_args(argv):
         parser.error(f"unknown section {unknown[0]!r}: choose from {', '.join(SECTIONS)}")
     if "compile_mode" in train.given_flags(parser, argv) and not args.compile:
         parser.error("--compile-mode applies only with --compile")
-    if args.cuda_graphs and train.resolve_device(args.device).type != "cuda":
-        parser.error("--cuda-graphs needs a CUDA GPU (and --device auto or cuda)")
+    if args.cuda_graphs:
+        try:
+            cuda = train.resolve_device(args.device).type == "cuda"
+        except train.UsageError as e:
+            parser.error(str(e))
+        if not cuda:
+            parser.error("--cuda-graphs needs a CUDA GPU (and --device auto or cuda)")
     if args.quick:
         given = train.given_flags(parser, argv)
         for key, value in QUICK.items():

@@ -157,8 +157,8 @@ def build_parser():
                     "the test set varies by). Keep them for MNIST; Fashion-MNIST wants more epochs.",
         epilog="--resume takes every flag not given from the checkpoint. Hyperparameters given must agree with "
                "it; only --epochs, --patience and the runtime flags (device, paths, workers, amp, compile and its "
-               "mode, CUDA graphs) may differ. Several GPUs or machines: torchrun --nproc_per_node=N train.py ...; a checkpoint "
-               "saved at the end of an epoch resumes under any number of processes, one saved mid-epoch "
+               "mode, CUDA graphs) may differ. Several GPUs or machines: torchrun --nproc_per_node=N train.py ...; "
+               "a checkpoint saved at the end of an epoch resumes under any number of processes, one saved mid-epoch "
                "(Ctrl-C) under as many as saved it.")
 
     g = p.add_argument_group("data")
@@ -238,8 +238,9 @@ def build_parser():
     g.add_argument("--dropout", type=float_in(0, 1, hi_open=True), default=model_defaults.dropout,
                    help="dropout in the classifier head")
     g.add_argument("--drop-path", type=float_in(0, 1, hi_open=True), default=model_defaults.drop_path,
-                   help="stochastic depth: in training, skip each Mamba-2 block's residual branch for this fraction "
-                        "of the images (as Vim and VMamba; 0 = off, the measured recipe; not yet tuned here)")
+                   help="stochastic depth: in training, skip a Mamba-2 block's residual branch for a random fraction "
+                        "of the images, rising linearly over the blocks from 0 to this in the last (as Vim and "
+                        "VMamba; 0 = off, the measured recipe; not yet tuned here)")
     g.add_argument("--backend", choices=list(BACKENDS), default=model_defaults.backend,
                    help="Mamba-2 implementation: official (mamba-ssm CUDA kernels), portable (pure PyTorch), "
                         "auto (official when on CUDA with mamba-ssm installed)")
@@ -278,17 +279,17 @@ def build_parser():
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision (bf16 autocast; fp16 with loss scaling on GPUs without bf16) "
                         "(default: on for CUDA, off elsewhere)")
-    g.add_argument("--compile", action="store_true",
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the model: a minute or more of compiling, then faster steps (on an H100 the "
                         "compiled portable backend trained 2.3x faster than the official kernels, README)")
     g.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
                    help="torch.compile's mode, with --compile: reduce-overhead also replays CUDA graphs on a GPU, "
                         "which saves the launch of each small kernel (not yet measured here)")
-    g.add_argument("--cuda-graphs", action="store_true",
+    g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
                    help="CUDA only: capture the model's training forward and backward pass once as CUDA graphs and "
                         "replay them every step (torch.cuda.make_graphed_callables): two launches instead of "
-                        "hundreds of small kernels, which bound this model's steps on an H100 (README), and no "
-                        "compiling. Not with --compile or torchrun. New: not yet measured on a GPU")
+                        "hundreds of small kernels, which appear to bound this model's steps on an H100 (README), "
+                        "and no compiling. Not with --compile or torchrun. New: not yet run on a GPU")
     g.add_argument("--out", default="vision_mamba2_mnist.pth",
                    help="best-on-validation checkpoint; the last checkpoint (*_last.pth) and "
                         "training_history.png go next to it")
@@ -767,7 +768,9 @@ def train(args, given):
     resume = load_checkpoint(args.resume) if args.resume else None
     if resume:
         # checkpoints older than --task and --arch: the image task, Vision Mamba 2
-        merge_resume_args(args, {"task": "image", "arch": "mamba2", **resume["args"]}, given)
+        # a checkpoint written before a flag existed ran with what the flag now calls its default
+        before = {"task": "image", "arch": "mamba2", "drop_path": 0.0, "stem_width": None, "cuda_graphs": False}
+        merge_resume_args(args, {**before, **resume["args"]}, given)
     else:
         defaults = {**TASK_DEFAULTS[args.task], **ARCH_DEFAULTS[args.arch]}
         if args.dataset in SEQUENCE_DATASETS:  # MNIST-1D has 4,000 training sequences: a tenth for validation

@@ -1,7 +1,8 @@
 """
 Vision Mamba 2: an MNIST classifier built from Mamba-2 (SSD) blocks instead of CNN layers.
 
-    image (B, 1, 28, 28) -> conv stem, stride 2 -> (B, D, 14, 14) + learned 2-D position embedding
+    image (B, 1, 28, 28) -> conv stem, stride 2 (optionally after a full-resolution conv) -> (B, D, 14, 14)
+       + learned 2-D position embedding
     -> num_blocks x VisionMambaBlock: the whole 14x14 grid as one 196-token sequence, read in one
        ("uni"), two ("bi", as Vim) or four ("cross", as VMamba) directions by one Mamba-2 mixer
     -> LayerNorm -> global average pool -> MLP head -> logits (B, 10)
@@ -58,8 +59,8 @@ class ModelConfig:
             value = getattr(self, f.name)
             if f.type is int and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{f.name} must be a positive integer, got {value!r}")
-        for name in ("dropout", "drop_path"):
-            value = getattr(self, name, 0.0)
+        for name in {"dropout", "drop_path"} & {f.name for f in dataclasses.fields(self)}:
+            value = getattr(self, name)
             if not 0 <= value < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {value}")
 
@@ -105,14 +106,15 @@ class VisionMamba2Config(ModelConfig):
     chunk_size: int = 64  # the SSD's chunk length: same result for any value; 64 is fastest on CPU (bench.py)
     scan: str = "bi"
     dropout: float = 0.1  # in the classifier head
-    drop_path: float = 0.0  # stochastic depth: the chance that a block's residual branch is skipped for a sample
+    drop_path: float = 0.0  # stochastic depth: the chance that the last block's branch is skipped (0 for the first)
     backend: str = "auto"
 
     def validate(self):
         if self.scan not in SCANS:
             raise ValueError(f"scan must be one of {list(SCANS)}, got {self.scan!r}")
         super().validate()
-        if self.stem_width is not None and (not isinstance(self.stem_width, int) or self.stem_width < 1):
+        width = self.stem_width
+        if width is not None and (not isinstance(width, int) or isinstance(width, bool) or width < 1):
             raise ValueError(f"stem_width must be None (one conv) or a positive integer, got {self.stem_width!r}")
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} must be divisible by patch_size {self.patch_size}")
@@ -248,6 +250,13 @@ def scan_orders(scan, h, w):
     return torch.stack(orders[scan])
 
 
+def drop_path_rates(config):
+    """Each block's stochastic-depth rate: rising linearly from 0 (first block) to config.drop_path (last), as
+    Vim, VMamba and timm's ViTs do: the early blocks, whose features every later one builds on, are kept most."""
+    n = config.num_blocks
+    return [config.drop_path * i / max(n - 1, 1) for i in range(n)]
+
+
 class VisionMambaBlock(nn.Module):
     """Pre-norm residual Mamba-2 block on a feature map: (B, C, H, W) -> (B, C, H, W).
 
@@ -301,8 +310,8 @@ class VisionMamba2(nn.Module):
         self.blocks = nn.ModuleList(
             VisionMambaBlock(dim=c.d_model, grid_size=self.grid_size, scan=c.scan, d_state=c.d_state,
                              d_conv=c.d_conv, expand=c.expand, headdim=c.headdim, ngroups=c.ngroups,
-                             chunk_size=c.chunk_size, drop_path=c.drop_path, backend=c.backend)
-            for _ in range(c.num_blocks))
+                             chunk_size=c.chunk_size, drop_path=p, backend=c.backend)
+            for p in drop_path_rates(c))
         self.norm = nn.LayerNorm(c.d_model)
         self.head = nn.Sequential(nn.Linear(c.d_model, c.d_model), nn.GELU(), nn.Dropout(c.dropout),
                                   nn.Linear(c.d_model, c.num_classes))
@@ -353,9 +362,9 @@ class SequentialMamba2(nn.Module):
         self.embed = nn.Linear(c.in_chans, c.d_model)
         self.blocks = nn.ModuleList(
             ResidualMamba2Block(dim=c.d_model, d_state=c.d_state, d_conv=c.d_conv, expand=c.expand,
-                                headdim=c.headdim, ngroups=c.ngroups, chunk_size=c.chunk_size,
-                                drop_path=c.drop_path, backend=c.backend)
-            for _ in range(c.num_blocks))
+                                headdim=c.headdim, ngroups=c.ngroups, chunk_size=c.chunk_size, drop_path=p,
+                                backend=c.backend)
+            for p in drop_path_rates(c))
         self.norm = nn.LayerNorm(c.d_model)
         self.head = nn.Sequential(nn.Linear(c.d_model, c.d_model), nn.GELU(), nn.Dropout(c.dropout),
                                   nn.Linear(c.d_model, c.num_classes))
@@ -445,8 +454,8 @@ def main():
     parser = argparse.ArgumentParser(description="Check the Vision Mamba 2 architecture: shapes, parameters, "
                                                  "backend, a forward and backward pass on CPU (and CUDA).")
     for f in dataclasses.fields(VisionMamba2Config):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=int if f.default is None else type(f.default),
-                            default=f.default,
+        kind = int if f.name == "stem_width" else type(f.default)  # its default, None (one conv), has no type
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
                             help=f"(default: {f.default})")
     parser.add_argument("--batch-size", type=int, default=4)
     args = vars(parser.parse_args())

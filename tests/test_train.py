@@ -14,6 +14,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import test_model
 import train
 from helpers import PROC_ENV, REPO, load
 from vision_mamba2 import create_vision_mamba2_model
@@ -182,6 +183,19 @@ def test_early_stopping_patience_grows_with_the_run(epochs, patience, ran, data_
     assert (stopped in out) == (ran < epochs)
 
 
+def test_model_options_reach_the_checkpoint_and_test_model(data_dir, tmp_path):
+    """--stem-width and --drop-path go into the model config the checkpoint carries; test_model.py rebuilds exactly
+    that model (the stem's BatchNorm statistics included) and loads its weights."""
+    assert run_main([*TINY, "--data-dir", data_dir, "--out", tmp_path / "m.pth", "--log-dir", tmp_path / "runs",
+                     "--epochs", 1, "--max-train-samples", 64, "--num-blocks", 2, "--stem-width", 4, "--drop-path", 0.2]) == 0
+    ckpt = load(tmp_path / "m.pth")
+    assert ckpt["config"]["stem_width"] == 4 and ckpt["config"]["drop_path"] == 0.2
+    assert "stem.1.running_mean" in ckpt["model"]
+    model = test_model.build_model(ckpt, str(tmp_path / "m.pth"), torch.device("cpu"))
+    assert [block.drop_path.p for block in model.blocks] == [0.0, 0.2]
+    assert torch.equal(model.stem[1].running_mean, ckpt["model"]["stem.1.running_mean"])
+
+
 def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "m.pth")
     train.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
@@ -254,5 +268,6 @@ def test_help_explains_every_flag(capsys):
     for flag in ("--epochs", "--batch-size", "--lr", "--weight-decay", "--d-model", "--num-blocks", "--d-state",
                  "--headdim", "--expand", "--scan", "--dropout", "--dataset", "--data-dir", "--device", "--backend",
                  "--seed", "--out", "--log-dir", "--resume", "--max-train-samples", "--amp", "--compile",
-                 "--compile-mode", "--num-workers", "--val-size", "--patience", "--label-smoothing", "--aug-translate"):
+                 "--compile-mode", "--num-workers", "--val-size", "--patience", "--label-smoothing", "--aug-translate",
+                 "--cuda-graphs", "--drop-path", "--stem-width"):
         assert flag in text, flag

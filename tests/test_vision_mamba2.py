@@ -125,6 +125,11 @@ def test_drop_path_skips_whole_residual_branches_in_training_only():
     torch.testing.assert_close(out[~skipped], branch[~skipped] / (1 - p))
 
 
+def test_drop_path_rises_linearly_over_the_blocks():
+    model = create_vision_mamba2_model(**{**TINY, "num_blocks": 4, "drop_path": 0.3})
+    assert [block.drop_path.p for block in model.blocks] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+
+
 def test_multiple_of_8_applies_only_to_the_official_kernels():
     create_vision_mamba2_model(**{**TINY, "d_state": 7, "backend": "portable"})
 

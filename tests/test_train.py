@@ -249,6 +249,16 @@ def test_resume_keeps_hyperparameters(reference, data_dir, tmp_path, capsys):
     assert "--weight-decay 0.5 contradicts the checkpoint's 0.05" in capsys.readouterr().err
 
 
+def test_checkpoints_from_before_a_flag_resume_as_its_default(reference, data_dir, tmp_path, capsys):
+    old = load(reference[0] / "m_last.pth")
+    for key in ("drop_path", "stem_width", "cuda_graphs"):
+        del old["args"][key]
+    train.save_checkpoint(old, str(tmp_path / "old_last.pth"))
+    argv = [*TINY, "--data-dir", data_dir, "--out", tmp_path / "m.pth", "--resume", tmp_path / "old_last.pth"]
+    assert run_main([*argv, "--drop-path", "0.1"]) == 2
+    assert "--drop-path 0.1 contradicts the checkpoint's 0.0" in capsys.readouterr().err
+
+
 def test_errors_in_a_real_process_have_no_traceback(data_dir, tmp_path):
     bad = subprocess.run([sys.executable, str(REPO / "train.py"), "--epochs", "0"], capture_output=True, text=True,
                          env=PROC_ENV, timeout=120)

@@ -125,7 +125,7 @@ TASK_DEFAULTS = {"image": {},
                  "smnist": {**SEQUENCE_DEFAULTS, "out": "vision_mamba2_smnist.pth"},
                  "psmnist": {**SEQUENCE_DEFAULTS, "out": "vision_mamba2_psmnist.pth"}}
 # flags that mean something only for some tasks: giving one to another task is an error
-TASK_FLAGS = {"scan": ("image",), "stem_width": ("image",), "aug_translate": ("image",), "aug_rotate": ("image",),
+TASK_FLAGS = {"scan": ("image",), "patch_size": ("image",), "stem_width": ("image",), "aug_translate": ("image",), "aug_rotate": ("image",),
               "aug_scale": ("image",), "readout": ("smnist", "psmnist"), "permutation_seed": ("psmnist",)}
 
 # (--task, --arch) -> (config class, model class); test_model.py rebuilds checkpoints through the same table.
@@ -141,6 +141,7 @@ ARCH_DEFAULTS = {"mamba2": {},
 # flags that mean something only for some architectures
 ARCH_FLAGS = {"d_state": ("mamba2",), "headdim": ("mamba2",), "expand": ("mamba2",), "scan": ("mamba2",),
               "backend": ("mamba2",), "drop_path": ("mamba2",), "stem_width": ("mamba2",),
+              "patch_size": ("mamba2", "vit"),
               "d_model": ("mamba2", "vit"),
               "num_blocks": ("mamba2", "vit"), "width": ("cnn",), "heads": ("vit",), "mlp_ratio": ("vit",)}
 
@@ -208,6 +209,9 @@ def build_parser():
                         f"--width; vit takes --d-model (default {ViTConfig.d_model}), --num-blocks, --heads and "
                         "--mlp-ratio; --out defaults to cnn_mnist.pth / vit_mnist.pth for them. Image task only "
                         "(default: mamba2)")
+    g.add_argument("--patch-size", type=int_at_least(1), default=model_defaults.patch_size,
+                   help="stride of the tokenizing conv (kernel 2p-1), mamba2 and vit: 28x28 pixels -> (28/p)^2 tokens. 2: a "
+                        "14x14 grid, 196 tokens (the measured recipe); 4: 7x7, 49 tokens, about 4x less compute")
     g.add_argument("--stem-width", type=int_at_least(1), default=model_defaults.stem_width,
                    help="channels of a full-resolution 3x3 conv + BatchNorm + GELU before the tokenizing conv, for "
                         "local 2-D features before the 1-D scans (early convolutions, as in hybrid ViTs); default: "
@@ -767,9 +771,9 @@ def train(args, given):
     """The whole run; returns the exit status (0, or 130 after Ctrl-C). `given`: the flags on the command line."""
     resume = load_checkpoint(args.resume) if args.resume else None
     if resume:
-        # checkpoints older than --task and --arch: the image task, Vision Mamba 2
-        # a checkpoint written before a flag existed ran with what the flag now calls its default
-        before = {"task": "image", "arch": "mamba2", "drop_path": 0.0, "stem_width": None, "cuda_graphs": False}
+        # a checkpoint written before a flag existed (--task, --arch, --patch-size, ...) ran with what the flag now
+        # calls its default: the image task, Vision Mamba 2, patch 2, ...
+        before = vars(build_parser().parse_args([]))
         merge_resume_args(args, {**before, **resume["args"]}, given)
     else:
         defaults = {**TASK_DEFAULTS[args.task], **ARCH_DEFAULTS[args.arch]}

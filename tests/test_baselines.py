@@ -53,6 +53,7 @@ def test_bad_configs_say_what_to_change(build, message):
     (["--arch", "cnn", "--d-state", "8"], "--d-state applies only to --arch mamba2, not to cnn"),
     (["--arch", "vit", "--scan", "uni"], "--scan applies only to --arch mamba2, not to vit"),
     (["--arch", "cnn", "--d-model", "64"], "--d-model applies only to --arch mamba2 or vit, not to cnn"),
+    (["--arch", "cnn", "--patch-size", "4"], "--patch-size applies only to --arch mamba2 or vit, not to cnn"),
     (["--width", "8"], "--width applies only to --arch cnn, not to mamba2"),
     (["--heads", "2"], "--heads applies only to --arch vit, not to mamba2"),
     (["--arch", "vit", "--task", "smnist"], "--arch vit is an image classifier: --task smnist takes only --arch"),

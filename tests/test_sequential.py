@@ -109,6 +109,7 @@ def test_wrong_inputs_and_unknown_keys():
     (["--readout", "last"], "--readout applies only to --task smnist or psmnist, not to image"),
     (["--task", "smnist", "--permutation-seed", "3"], "--permutation-seed applies only to --task psmnist"),
     (["--task", "smnist", "--stem-width", "12"], "--stem-width applies only to --task image, not to smnist"),
+    (["--task", "smnist", "--patch-size", "4"], "--patch-size applies only to --task image, not to smnist"),
     (["--dataset", "mnist1d"], "--dataset mnist1d holds 1-D sequences, not images: train on it with --task smnist"),
 ])
 def test_flags_of_another_task_are_errors(argv, message, tmp_path, capsys):

@@ -184,12 +184,14 @@ def test_early_stopping_patience_grows_with_the_run(epochs, patience, ran, data_
 
 
 def test_model_options_reach_the_checkpoint_and_test_model(data_dir, tmp_path):
-    """--stem-width and --drop-path go into the model config the checkpoint carries; test_model.py rebuilds exactly
-    that model (the stem's BatchNorm statistics included) and loads its weights."""
+    """--patch-size, --stem-width and --drop-path go into the model config the checkpoint carries; test_model.py
+    rebuilds exactly that model (the stem's BatchNorm statistics included) and loads its weights."""
     assert run_main([*TINY, "--data-dir", data_dir, "--out", tmp_path / "m.pth", "--log-dir", tmp_path / "runs",
-                     "--epochs", 1, "--max-train-samples", 64, "--num-blocks", 2, "--stem-width", 4, "--drop-path", 0.2]) == 0
+                     "--epochs", 1, "--max-train-samples", 64, "--num-blocks", 2, "--stem-width", 4, "--drop-path", 0.2,
+                     "--patch-size", 4]) == 0
     ckpt = load(tmp_path / "m.pth")
     assert ckpt["config"]["stem_width"] == 4 and ckpt["config"]["drop_path"] == 0.2
+    assert ckpt["config"]["patch_size"] == 4 and ckpt["model"]["pos_embed"].shape[-2:] == (7, 7)
     assert "stem.1.running_mean" in ckpt["model"]
     model = test_model.build_model(ckpt, str(tmp_path / "m.pth"), torch.device("cpu"))
     assert [block.drop_path.p for block in model.blocks] == [0.0, 0.2]
@@ -251,7 +253,7 @@ def test_resume_keeps_hyperparameters(reference, data_dir, tmp_path, capsys):
 
 def test_checkpoints_from_before_a_flag_resume_as_its_default(reference, data_dir, tmp_path, capsys):
     old = load(reference[0] / "m_last.pth")
-    for key in ("drop_path", "stem_width", "cuda_graphs"):
+    for key in ("drop_path", "stem_width", "patch_size", "cuda_graphs"):
         del old["args"][key]
     train.save_checkpoint(old, str(tmp_path / "old_last.pth"))
     argv = [*TINY, "--data-dir", data_dir, "--out", tmp_path / "m.pth", "--resume", tmp_path / "old_last.pth"]

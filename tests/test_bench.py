@@ -34,11 +34,12 @@ def test_every_section_runs_into_one_json(data_dir, tmp_path):
 
     models = report["sections"]["models"]
     assert [r["model"].split(" (")[0].split(":")[0] for r in models] == \
-        ["Vision Mamba 2", "CNN", "ViT", "naive pipeline"]  # no CUDA here: no official row
-    assert [r["batch"] for r in models] == [2, 2, 2, 32] and {r["device"] for r in models} == {"cpu"}
+        ["Vision Mamba 2", "Vision Mamba 2", "CNN", "ViT", "naive pipeline"]  # no CUDA here: no official row
+    assert [r["batch"] for r in models] == [2, 2, 2, 2, 32] and {r["device"] for r in models} == {"cpu"}
     assert all(r["train_img_s"] > 0 and r["infer_img_s"] > 0 and r["activation_mib"] > 0 and r["peak_mib"] is None
                for r in models)
     assert "| Vision Mamba 2 | portable | eager | 484,074 | fp32 | 2 |" in proc.stdout
+    assert "| Vision Mamba 2 (--patch-size 4) | portable | eager | 470,378 | fp32 | 2 |" in proc.stdout
     assert {r["mode"] for r in models} == {"eager"}
     assert {r["model"] for r in report["sections"]["scaling"]} == {"Mamba-2", "attention"}
     assert plot.stat().st_size > 0
@@ -115,14 +116,16 @@ def test_model_rows_say_why_they_have_no_numbers_and_the_others_still_run(data_d
                              "--batch-size", "2", "--naive-images", "32"])
     rows = bench.bench_models(args)
     assert [(r["model"].split()[0], r["mode"], r["failed"]) for r in rows] == [
-        ("Vision", "eager", "out of memory"), ("Vision", "compiled", None), ("CNN", "eager", None),
-        ("CNN", "compiled", None), ("ViT", "eager", None), ("ViT", "compiled", "compile failed (RuntimeError)"),
-        ("naive", "eager", None)]
+        ("Vision", "eager", "out of memory"), ("Vision", "compiled", None), ("Vision", "eager", None),
+        ("Vision", "compiled", None), ("CNN", "eager", None), ("CNN", "compiled", None), ("ViT", "eager", None),
+        ("ViT", "compiled", "compile failed (RuntimeError)"), ("naive", "eager", None)]
     assert torch.backends.mha.get_fastpath_enabled() == fastpath  # eager rows keep PyTorch's fused attention
-    assert warmups == [1, 3, 3, 1, 1, 3, 3, 1, 1]  # compiled models warm up longer (CUDA graphs record then)
+    # compiled models warm up longer (CUDA graphs record then)
+    assert warmups == [1, 3, 3, 1, 1, 3, 3, 1, 1, 3, 3, 1, 1]
     measured = [r for r in rows if not r["failed"]]
     assert all(r["train_img_s"] > 0 and r["infer_img_s"] > 0 for r in measured)
-    assert [r["activation_mib"] is None for r in measured] == [True, False, True, False, False]  # eager only
+    # activation memory: eager only
+    assert [r["activation_mib"] is None for r in measured] == [True, False, True, False, True, False, False]
     out, err = capsys.readouterr()
     assert "| Vision Mamba 2 | portable | eager | 484,074 | fp32 | 2 | out of memory | - | - | - | - |" in out
     assert "| ViT (baselines.py) | - | compiled | 506,770 | fp32 | 2 | compile failed (RuntimeError) |" in out

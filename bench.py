@@ -5,8 +5,8 @@ Benchmarks, each printing a markdown table: speed and memory claims live here, n
     python bench.py --quick --data-dir ../shared/data       # every section, small sizes: < 2 minutes on 2 CPU cores
     python bench.py models scaling --json bench.json        # some sections; all their rows in one JSON file
 
-    models   whole-model training and inference throughput and memory: Vision Mamba 2 (14x14 tokens, and 7x7 with
-             --patch-size 4) on the portable backend and on the official kernels (CUDA with mamba-ssm), the CNN
+    models   whole-model training and inference throughput and memory: Vision Mamba 2 (7x7 tokens, and 14x14 with
+             --patch-size 2) on the portable backend and on the official kernels (CUDA with mamba-ssm), the CNN
              and ViT baselines of baselines.py, and the
              naive pipeline users start with (the same model scanning one token per step, batch 32,
              per-sample DataLoader)
@@ -155,10 +155,10 @@ def bench_models(args):
     device = train.resolve_device(args.device)
     cuda = device.type == "cuda"
     amp = "bf16 autocast" if cuda else "fp32"  # train.py's default
-    # the default 14x14 token grid, and the 7x7 grid of train.py --patch-size 4 (a quarter of the tokens)
+    # the default 7x7 token grid, and the 14x14 grid of train.py --patch-size 2 (four times the tokens)
     backends = ["portable"] + (["official"] if cuda and load_official_kernels() is not None else [])
     specs = [(name, backend, functools.partial(create_vision_mamba2_model, backend=backend, patch_size=p))
-             for name, p in [("Vision Mamba 2", 2), ("Vision Mamba 2 (--patch-size 4)", 4)] for backend in backends]
+             for name, p in [("Vision Mamba 2", 4), ("Vision Mamba 2 (--patch-size 2)", 2)] for backend in backends]
     specs += [("CNN (baselines.py)", "-", lambda: CNN(CNNConfig())),
               ("ViT (baselines.py)", "-", lambda: ViT(ViTConfig()))]
     # --compile: each model once more through torch.compile (train.py --compile), timed after its compilation;

@@ -188,14 +188,21 @@ def test_model_options_reach_the_checkpoint_and_test_model(data_dir, tmp_path):
     rebuilds exactly that model (the stem's BatchNorm statistics included) and loads its weights."""
     assert run_main([*TINY, "--data-dir", data_dir, "--out", tmp_path / "m.pth", "--log-dir", tmp_path / "runs",
                      "--epochs", 1, "--max-train-samples", 64, "--num-blocks", 2, "--stem-width", 4, "--drop-path", 0.2,
-                     "--patch-size", 4]) == 0
+                     "--patch-size", 2]) == 0
     ckpt = load(tmp_path / "m.pth")
     assert ckpt["config"]["stem_width"] == 4 and ckpt["config"]["drop_path"] == 0.2
-    assert ckpt["config"]["patch_size"] == 4 and ckpt["model"]["pos_embed"].shape[-2:] == (7, 7)
+    assert ckpt["config"]["patch_size"] == 2 and ckpt["model"]["pos_embed"].shape[-2:] == (14, 14)
     assert "stem.1.running_mean" in ckpt["model"]
     model = test_model.build_model(ckpt, str(tmp_path / "m.pth"), torch.device("cpu"))
     assert [block.drop_path.p for block in model.blocks] == [0.0, 0.2]
     assert torch.equal(model.stem[1].running_mean, ckpt["model"]["stem.1.running_mean"])
+
+    # written before --patch-size existed (patch 2 was the only grid then): resuming takes the model config's patch
+    old = load(tmp_path / "m_last.pth")
+    del old["args"]["patch_size"]
+    train.save_checkpoint(old, str(tmp_path / "old_last.pth"))
+    assert run_main(["--data-dir", data_dir, "--epochs", 2, "--resume", tmp_path / "old_last.pth"]) == 0
+    assert load(tmp_path / "m_last.pth")["args"]["patch_size"] == 2
 
 
 def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):

@@ -35,9 +35,10 @@ def test_default_model_is_under_500k_parameters():
 
 
 def test_conv_stem_option():
-    """stem_width: a full-resolution conv first; the same token grid after it, and 12 keeps the default model under
-    500K parameters."""
-    model = create_vision_mamba2_model(stem_width=12)
+    """stem_width: a full-resolution conv first, the same token grid after it; at patch 2 (a 3x3 tokenizing conv), 12
+    keeps the model under 500K parameters."""
+    assert create_vision_mamba2_model(stem_width=4).stem(torch.randn(2, 1, 28, 28)).shape == (2, 128, 7, 7)
+    model = create_vision_mamba2_model(stem_width=12, patch_size=2)
     assert model.stem(torch.randn(2, 1, 28, 28)).shape == (2, 128, 14, 14)
     assert sum(p.numel() for p in model.parameters()) <= 500_000
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
@@ -173,7 +174,7 @@ def test_architecture_check_cli():
     assert r.returncode == 0, r.stderr
     assert "backend in use: portable" in r.stdout
     assert "parameters:" in r.stdout and "blocks.1" in r.stdout
-    assert "(4, 32, 14, 14)" in r.stdout and "forward + backward OK" in r.stdout
+    assert "(4, 32, 7, 7)" in r.stdout and "forward + backward OK" in r.stdout
 
 
 @pytest.mark.parametrize("args,message", [(("--headdim", "24"), "divisible by headdim"),

@@ -397,7 +397,7 @@ class SequentialMamba2(nn.Module):
 
 
 def create_vision_mamba2_model(**config):
-    """VisionMamba2 from config fields (see VisionMamba2Config); the defaults give ~484K parameters."""
+    """VisionMamba2 from config fields (see VisionMamba2Config); the defaults give ~470K parameters."""
     return VisionMamba2(VisionMamba2Config(**config))
 
 

@@ -5,8 +5,8 @@ Benchmarks, each printing a markdown table: speed and memory claims live here, n
     python bench.py --quick --data-dir ../shared/data       # every section, small sizes: < 2 minutes on 2 CPU cores
     python bench.py models scaling --json bench.json        # some sections; all their rows in one JSON file
 
-    models   whole-model training and inference throughput and memory: Vision Mamba 2 (7x7 tokens, and 14x14 with
-             --patch-size 2) on the portable backend and on the official kernels (CUDA with mamba-ssm), the CNN
+    models   whole-model training and inference throughput and memory: Vision Mamba 2 (7x7 tokens, and 14x14 as
+             train.py --patch-size 2) on the portable backend and on the official kernels (CUDA with mamba-ssm), the CNN
              and ViT baselines of baselines.py, and the
              naive pipeline users start with (the same model scanning one token per step, batch 32,
              per-sample DataLoader)

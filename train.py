@@ -290,7 +290,8 @@ def build_parser():
                         "(default: on for CUDA, off elsewhere)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the model: a minute or more of compiling, then faster steps (on an H100 the "
-                        "compiled portable backend trained the 14x14 model 2.3x faster than the official kernels, README)")
+                        "compiled portable backend trained the 14x14 model 2.3x faster than the official kernels, "
+                        "README)")
     g.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
                    help="torch.compile's mode, with --compile: reduce-overhead also replays CUDA graphs on a GPU, "
                         "which saves the launch of each small kernel (not yet measured here)")

@@ -281,7 +281,7 @@ class VisionMambaBlock(nn.Module):
     def forward(self, x):
         # x : (B, C, H, W)
         h = w = self.grid_size
-        k, L = self.order.shape
+        k = len(self.order)  # scan directions
         steps = self.order.flatten()  # (k*L,): the token each direction reads at each step
         t = rearrange(x, "b c h w -> b (h w) c")  # (B, L, C), row-major
         u = rearrange(self.norm(t).index_select(1, steps), "b (k l) c -> b k l c", k=k) + self.direction_embed[:, None]

@@ -3,8 +3,9 @@ Vision Mamba 2: an MNIST classifier built from Mamba-2 (SSD) blocks instead of C
 
     image (B, 1, 28, 28) -> conv stem, stride 4, kernel 7 (optionally after a full-resolution conv) -> (B, D, 7, 7)
        + learned 2-D position embedding
-    -> num_blocks x VisionMambaBlock: the whole 7x7 grid as one 49-token sequence, read in one
-       ("uni"), two ("bi", as Vim) or four ("cross", as VMamba) directions by one Mamba-2 mixer
+    -> num_blocks x VisionMambaBlock: the whole 7x7 grid as one 49-token sequence (optionally after a residual
+       3x3 depthwise conv on the grid), read in one ("uni"), two ("bi", as Vim) or four ("cross", as VMamba)
+       directions by one Mamba-2 mixer
     -> LayerNorm -> global average pool -> MLP head -> logits (B, 10)
 
 Two backends, one set of weights. On CUDA with mamba-ssm installed, the official Triton SSD kernels
@@ -107,6 +108,7 @@ class VisionMamba2Config(ModelConfig):
     scan: str = "bi"
     dropout: float = 0.1  # in the classifier head
     drop_path: float = 0.0  # stochastic depth: the chance that the last block's branch is skipped (0 for the first)
+    local_conv: bool = False  # a residual 3x3 depthwise conv on the token grid at the start of each block
     backend: str = "auto"
 
     def validate(self):
@@ -260,16 +262,20 @@ def drop_path_rates(config):
 class VisionMambaBlock(nn.Module):
     """Pre-norm residual Mamba-2 block on a feature map: (B, C, H, W) -> (B, C, H, W).
 
-    The whole H x W grid is one sequence, so information crosses rows. Each direction of the scan is
-    a reordering of that sequence; all directions share one mixer (batched together in one call) and
-    get a learned direction embedding so the mixer knows which way it reads. Outputs are put back in
-    grid order and averaged.
+    With local_conv, a residual 3x3 depthwise conv first mixes each token with its 8 grid neighbours (as CPVT's
+    position encoding generator, Chu et al. 2021): a 1-D scan of the row-major grid reaches a token's vertical
+    neighbours W steps away, through the SSM state only. The conv stays outside the Mamba-2 mixer, which remains
+    exactly mamba_ssm's. Then the whole H x W grid is one sequence, so information crosses rows. Each direction of
+    the scan is a reordering of that sequence; all directions share one mixer (batched together in one call) and
+    get a learned direction embedding so the mixer knows which way it reads. Outputs are put back in grid order
+    and averaged.
     """
 
     def __init__(self, *, dim, grid_size, scan="bi", d_state=32, d_conv=4, expand=2, headdim=32, ngroups=1,
-                 chunk_size=64, drop_path=0.0, backend="auto"):
+                 chunk_size=64, drop_path=0.0, local_conv=False, backend="auto"):
         super().__init__()
         self.grid_size = grid_size
+        self.local = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim) if local_conv else None
         self.drop_path = StochasticDepth(drop_path, mode="row")  # per sample, in training only
         self.norm = nn.LayerNorm(dim)
         self.mixer = Mamba2Mixer(d_model=dim, d_state=d_state, d_conv=d_conv, expand=expand, headdim=headdim,
@@ -282,6 +288,8 @@ class VisionMambaBlock(nn.Module):
         # x : (B, C, H, W)
         h = w = self.grid_size
         k = len(self.order)  # scan directions
+        if self.local is not None:
+            x = x + self.local(x)  # (B, C, H, W)
         steps = self.order.flatten()  # (k*L,): the token each direction reads at each step
         t = rearrange(x, "b c h w -> b (h w) c")  # (B, L, C), row-major
         u = rearrange(self.norm(t).index_select(1, steps), "b (k l) c -> b k l c", k=k) + self.direction_embed[:, None]
@@ -310,7 +318,7 @@ class VisionMamba2(nn.Module):
         self.blocks = nn.ModuleList(
             VisionMambaBlock(dim=c.d_model, grid_size=self.grid_size, scan=c.scan, d_state=c.d_state,
                              d_conv=c.d_conv, expand=c.expand, headdim=c.headdim, ngroups=c.ngroups,
-                             chunk_size=c.chunk_size, drop_path=p, backend=c.backend)
+                             chunk_size=c.chunk_size, drop_path=p, local_conv=c.local_conv, backend=c.backend)
             for p in drop_path_rates(c))
         self.norm = nn.LayerNorm(c.d_model)
         self.head = nn.Sequential(nn.Linear(c.d_model, c.d_model), nn.GELU(), nn.Dropout(c.dropout),
@@ -454,9 +462,12 @@ def main():
     parser = argparse.ArgumentParser(description="Check the Vision Mamba 2 architecture: shapes, parameters, "
                                                  "backend, a forward and backward pass on CPU (and CUDA).")
     for f in dataclasses.fields(VisionMamba2Config):
-        kind = int if f.name == "stem_width" else type(f.default)  # its default, None (one conv), has no type
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
-                            help=f"(default: {f.default})")
+        flag, kind = "--" + f.name.replace("_", "-"), type(f.default)
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:  # stem_width's default, None (one conv), has no type
+            parser.add_argument(flag, type=int if f.name == "stem_width" else kind, default=f.default,
+                                help=f"(default: {f.default})")
     parser.add_argument("--batch-size", type=int, default=4)
     args = vars(parser.parse_args())
     batch_size = args.pop("batch_size")

@@ -184,13 +184,14 @@ def test_early_stopping_patience_grows_with_the_run(epochs, patience, ran, data_
 
 
 def test_model_options_reach_the_checkpoint_and_test_model(data_dir, tmp_path):
-    """--patch-size, --stem-width and --drop-path go into the model config the checkpoint carries; test_model.py
-    rebuilds exactly that model (the stem's BatchNorm statistics included) and loads its weights."""
+    """--patch-size, --stem-width, --drop-path and --local-conv go into the model config the checkpoint carries;
+    test_model.py rebuilds exactly that model (the stem's BatchNorm statistics included) and loads its weights."""
     assert run_main([*TINY, "--data-dir", data_dir, "--out", tmp_path / "m.pth", "--log-dir", tmp_path / "runs",
                      "--epochs", 1, "--max-train-samples", 64, "--num-blocks", 2, "--stem-width", 4, "--drop-path", 0.2,
-                     "--patch-size", 2]) == 0
+                     "--patch-size", 2, "--local-conv"]) == 0
     ckpt = load(tmp_path / "m.pth")
     assert ckpt["config"]["stem_width"] == 4 and ckpt["config"]["drop_path"] == 0.2
+    assert ckpt["config"]["local_conv"] is True and "blocks.1.local.weight" in ckpt["model"]
     assert ckpt["config"]["patch_size"] == 2 and ckpt["model"]["pos_embed"].shape[-2:] == (14, 14)
     assert "stem.1.running_mean" in ckpt["model"]
     model = test_model.build_model(ckpt, str(tmp_path / "m.pth"), torch.device("cpu"))
@@ -288,5 +289,5 @@ def test_help_explains_every_flag(capsys):
                  "--headdim", "--expand", "--scan", "--dropout", "--dataset", "--data-dir", "--device", "--backend",
                  "--seed", "--out", "--log-dir", "--resume", "--max-train-samples", "--amp", "--compile",
                  "--compile-mode", "--num-workers", "--val-size", "--patience", "--label-smoothing", "--aug-translate",
-                 "--cuda-graphs", "--drop-path", "--stem-width"):
+                 "--cuda-graphs", "--drop-path", "--stem-width", "--local-conv"):
         assert flag in text, flag

@@ -44,6 +44,23 @@ def test_conv_stem_option():
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
 
 
+@pytest.mark.parametrize("local_conv", [False, True])
+def test_local_conv_mixes_2d_neighbours_that_the_scan_reads_later(local_conv):
+    """A one-way scan over a row-major grid: the first token's output depends on no other token, unless the
+    block's 3x3 depthwise conv first mixes in its 2-D neighbours (the token to its right and the row below)."""
+    torch.manual_seed(0)
+    block = VisionMambaBlock(dim=16, grid_size=4, scan="uni", d_state=8, headdim=8, local_conv=local_conv).eval()
+    x = torch.randn(2, 16, 4, 4)
+    for i, j in [(0, 1), (1, 0), (1, 1), (2, 2)]:
+        moved = x.clone()
+        moved[:, :, i, j] += 1.0
+        changed = not torch.allclose(block(moved)[:, :, 0, 0], block(x)[:, :, 0, 0])
+        assert changed == (local_conv and max(i, j) == 1), (i, j)
+    params = sum(p.numel() for p in block.parameters())
+    plain = sum(p.numel() for p in VisionMambaBlock(dim=16, grid_size=4, scan="uni", d_state=8, headdim=8).parameters())
+    assert params - plain == (16 * 9 + 16 if local_conv else 0)  # one 3x3 filter and a bias per channel
+
+
 @pytest.mark.parametrize("scan", ["uni", "bi", "cross"])
 def test_scan_orders_are_permutations(scan):
     orders = scan_orders(scan, 3, 4)
@@ -170,9 +187,9 @@ def run_cli(*args):
 
 
 def test_architecture_check_cli():
-    r = run_cli("--d-model", "32", "--num-blocks", "2", "--d-state", "16", "--scan", "cross")
+    r = run_cli("--d-model", "32", "--num-blocks", "2", "--d-state", "16", "--scan", "cross", "--local-conv")
     assert r.returncode == 0, r.stderr
-    assert "backend in use: portable" in r.stdout
+    assert "backend in use: portable" in r.stdout and "local_conv   True" in r.stdout
     assert "parameters:" in r.stdout and "blocks.1" in r.stdout
     assert "(4, 32, 7, 7)" in r.stdout and "forward + backward OK" in r.stdout
 

@@ -462,12 +462,11 @@ def main():
     parser = argparse.ArgumentParser(description="Check the Vision Mamba 2 architecture: shapes, parameters, "
                                                  "backend, a forward and backward pass on CPU (and CUDA).")
     for f in dataclasses.fields(VisionMamba2Config):
-        flag, kind = "--" + f.name.replace("_", "-"), type(f.default)
+        flag, kind, text = "--" + f.name.replace("_", "-"), type(f.default), f"(default: {f.default})"
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:  # stem_width's default, None (one conv), has no type
-            parser.add_argument(flag, type=int if f.name == "stem_width" else kind, default=f.default,
-                                help=f"(default: {f.default})")
+            parser.add_argument(flag, type=int if f.name == "stem_width" else kind, default=f.default, help=text)
     parser.add_argument("--batch-size", type=int, default=4)
     args = vars(parser.parse_args())
     batch_size = args.pop("batch_size")

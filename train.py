@@ -53,7 +53,7 @@ from torchvision import datasets, transforms
 from tqdm import tqdm
 
 from baselines import CNN, CNNConfig, ViT, ViTConfig
-from vision_mamba2 import (BACKENDS, READOUTS, SCANS, SequentialMamba2, SequentialMamba2Config, VisionMamba2,
+from vision_mamba2 import (BACKENDS, READOUTS, SCANS, STEMS, SequentialMamba2, SequentialMamba2Config, VisionMamba2,
                            VisionMamba2Config, resolve_backend)
 
 
@@ -125,7 +125,8 @@ TASK_DEFAULTS = {"image": {},
                  "smnist": {**SEQUENCE_DEFAULTS, "out": "vision_mamba2_smnist.pth"},
                  "psmnist": {**SEQUENCE_DEFAULTS, "out": "vision_mamba2_psmnist.pth"}}
 # flags that mean something only for some tasks: giving one to another task is an error
-TASK_FLAGS = {"scan": ("image",), "patch_size": ("image",), "stem_width": ("image",), "local_conv": ("image",),
+TASK_FLAGS = {"scan": ("image",), "patch_size": ("image",), "stem": ("image",), "stem_width": ("image",),
+              "local_conv": ("image",),
               "aug_translate": ("image",), "aug_rotate": ("image",), "aug_scale": ("image",),
               "readout": ("smnist", "psmnist"), "permutation_seed": ("psmnist",)}
 
@@ -141,7 +142,8 @@ ARCH_DEFAULTS = {"mamba2": {},
                  "vit": {"d_model": ViTConfig.d_model, "num_blocks": ViTConfig.num_blocks, "out": "vit_mnist.pth"}}
 # flags that mean something only for some architectures
 ARCH_FLAGS = {"d_state": ("mamba2",), "headdim": ("mamba2",), "expand": ("mamba2",), "scan": ("mamba2",),
-              "backend": ("mamba2",), "drop_path": ("mamba2",), "stem_width": ("mamba2",), "local_conv": ("mamba2",),
+              "backend": ("mamba2",), "drop_path": ("mamba2",), "stem": ("mamba2",), "stem_width": ("mamba2",),
+              "local_conv": ("mamba2",),
               "patch_size": ("mamba2", "vit"),
               "d_model": ("mamba2", "vit"),
               "num_blocks": ("mamba2", "vit"), "width": ("cnn",), "heads": ("vit",), "mlp_ratio": ("vit",)}
@@ -216,6 +218,11 @@ def build_parser():
                         "tokens. 4 (default): a 7x7 grid of 49 tokens; 2: 14x14, 196 tokens, 4x the work per image "
                         "and no more accurate after 10 epochs (99.48 %% in one run; 4: 99.54 %% with each of two "
                         "seeds; README)")
+    g.add_argument("--stem", choices=list(STEMS), default=model_defaults.stem,
+                   help="how the image becomes tokens: patch, one conv of kernel 2p-1 and stride p (6K parameters); "
+                        "conv, early convolutions (Xiao et al. 2021): log2(p) 3x3 stride-2 conv + BatchNorm + GELU "
+                        "stages from d-model/p channels, doubling, then a 1x1 conv to d-model (27K parameters at "
+                        "patch 4: 1 -> 32 -> 64 -> 128 channels), so the tokens carry nonlinear local features")
     g.add_argument("--stem-width", type=int_at_least(1), default=model_defaults.stem_width,
                    help="channels of a full-resolution 3x3 conv + BatchNorm + GELU before the tokenizing conv, for "
                         "local 2-D features before the 1-D scans (early convolutions, as in hybrid ViTs); default: "

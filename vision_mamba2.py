@@ -1,7 +1,8 @@
 """
 Vision Mamba 2: an MNIST classifier built from Mamba-2 (SSD) blocks instead of CNN layers.
 
-    image (B, 1, 28, 28) -> conv stem, stride 4, kernel 7 (optionally after a full-resolution conv) -> (B, D, 7, 7)
+    image (B, 1, 28, 28) -> conv stem, stride 4, kernel 7 (optionally after a full-resolution conv; or, stem="conv",
+       two 3x3 stride-2 convs and a 1x1) -> (B, D, 7, 7)
        + learned 2-D position embedding
     -> num_blocks x VisionMambaBlock: the whole 7x7 grid as one 49-token sequence (optionally after a residual
        3x3 depthwise conv on the grid), read in one ("uni"), two ("bi", as Vim) or four ("cross", as VMamba)
@@ -38,6 +39,7 @@ from mamba2_torch import Mamba2
 
 SCANS = {"uni": 1, "bi": 2, "cross": 4}  # scan mode -> number of directions
 BACKENDS = ("auto", "official", "portable")
+STEMS = ("patch", "conv")  # VisionMamba2's tokenizer: one strided conv, or a few stride-2 convs (conv_stem)
 
 
 READOUTS = ("mean", "last")  # SequentialMamba2's summary of the sequence: average over all steps, or the last
@@ -96,6 +98,7 @@ class VisionMamba2Config(ModelConfig):
     in_chans: int = 1
     num_classes: int = 10
     patch_size: int = 4  # stem stride: 28x28 pixels -> 7x7 tokens (2: 14x14, 4x the work, no more accurate)
+    stem: str = "patch"  # "patch": one conv of kernel 2p-1, stride p; "conv": conv_stem's stride-2 convs
     stem_width: int | None = None  # None: one conv; a width: a full-resolution 3x3 conv + BN + GELU of it first
     d_model: int = 128
     num_blocks: int = 4
@@ -120,6 +123,15 @@ class VisionMamba2Config(ModelConfig):
             raise ValueError(f"stem_width must be None (one conv) or a positive integer, got {self.stem_width!r}")
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} must be divisible by patch_size {self.patch_size}")
+        if self.stem not in STEMS:
+            raise ValueError(f"stem must be one of {list(STEMS)}, got {self.stem!r}")
+        if self.stem == "conv":
+            p = self.patch_size
+            if p & (p - 1) or self.d_model % p:
+                raise ValueError(f"the conv stem halves the grid log2(patch_size) times, from d_model/patch_size "
+                                 f"channels: patch_size {p} must be a power of 2 dividing d_model {self.d_model}")
+            if self.stem_width is not None:
+                raise ValueError("stem_width widens the patch stem's full-resolution conv; the conv stem has none")
 
 
 @dataclass
@@ -300,18 +312,35 @@ class VisionMambaBlock(nn.Module):
         return rearrange(t + self.drop_path(y), "b (h w) c -> b c h w", h=h, w=w)
 
 
+def patch_stem(c):
+    """Overlapping conv, kernel 2p-1, stride p: (B, in_chans, H, W) -> (B, d_model, H/p, W/p). With stem_width, a
+    3x3 conv + BatchNorm + GELU at full resolution first: local 2-D features before the 1-D scans."""
+    p = c.patch_size
+    tokens = nn.Conv2d(c.stem_width or c.in_chans, c.d_model, kernel_size=2 * p - 1, stride=p, padding=p - 1)
+    if c.stem_width is None:
+        return tokens
+    return nn.Sequential(nn.Conv2d(c.in_chans, c.stem_width, kernel_size=3, padding=1, bias=False),
+                         nn.BatchNorm2d(c.stem_width), nn.GELU(), tokens)
+
+
+def conv_stem(c):
+    """Early convolutions (Xiao et al. 2021): log2(p) stages of 3x3 stride-2 conv + BatchNorm + GELU, from d_model/p
+    channels doubling, then a 1x1 conv to d_model. (B, in_chans, H, W) -> (B, d_model, H/p, W/p); at p = 4 and
+    d_model 128: 1 -> 32 -> 64 -> 128 channels, 28 -> 14 -> 7 pixels, 27K parameters (the patch stem: 6K)."""
+    layers, cin, width = [], c.in_chans, c.d_model // c.patch_size
+    for _ in range(c.patch_size.bit_length() - 1):
+        layers += [nn.Conv2d(cin, width, kernel_size=3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width),
+                   nn.GELU()]
+        cin, width = width, 2 * width
+    return nn.Sequential(*layers, nn.Conv2d(cin, c.d_model, kernel_size=1))
+
+
 class VisionMamba2(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = c = buildable(config)
-        p = c.patch_size
-        self.grid_size = c.img_size // p
-        # overlapping conv stem: kernel 2p-1, stride p -> (img_size/p)^2 tokens; with stem_width, a 3x3 conv at full
-        # resolution first ("early convolutions", Xiao et al. 2021): local 2-D features before the 1-D scans
-        tokens = nn.Conv2d(c.stem_width or c.in_chans, c.d_model, kernel_size=2 * p - 1, stride=p, padding=p - 1)
-        self.stem = tokens if c.stem_width is None else nn.Sequential(
-            nn.Conv2d(c.in_chans, c.stem_width, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(c.stem_width),
-            nn.GELU(), tokens)
+        self.grid_size = c.img_size // c.patch_size
+        self.stem = conv_stem(c) if c.stem == "conv" else patch_stem(c)  # (B, D, h, w)
         self.pos_embed = nn.Parameter(torch.zeros(1, c.d_model, self.grid_size, self.grid_size))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.pos_embed._no_weight_decay = True  # embeddings, like norms and the SSM's A_log/D/dt_bias

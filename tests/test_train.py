@@ -206,6 +206,18 @@ def test_model_options_reach_the_checkpoint_and_test_model(data_dir, tmp_path):
     assert load(tmp_path / "m_last.pth")["args"]["patch_size"] == 2
 
 
+def test_conv_stem_reaches_the_checkpoint_and_test_model(data_dir, tmp_path):
+    """--stem conv: the checkpoint's config says so, and test_model.py rebuilds the conv stem (its BatchNorm
+    statistics, which training moved, included)."""
+    assert run_main([*TINY, "--data-dir", data_dir, "--out", tmp_path / "m.pth", "--log-dir", tmp_path / "runs",
+                     "--epochs", 1, "--max-train-samples", 64, "--stem", "conv"]) == 0
+    ckpt = load(tmp_path / "m.pth")
+    assert ckpt["config"]["stem"] == "conv" and not torch.equal(ckpt["model"]["stem.1.running_mean"],
+                                                               torch.zeros_like(ckpt["model"]["stem.1.running_mean"]))
+    model = test_model.build_model(ckpt, str(tmp_path / "m.pth"), torch.device("cpu"))
+    assert torch.equal(model.stem[1].running_mean, ckpt["model"]["stem.1.running_mean"])
+
+
 def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "m.pth")
     train.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)

@@ -44,6 +44,20 @@ def test_conv_stem_option():
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
 
 
+def test_early_convolution_stem():
+    """stem="conv": one 3x3 stride-2 conv stage per halving (two at patch 4: 28 -> 14 -> 7), widths 32 then 64 at
+    d_model 128, then a 1x1 conv to d_model; the same token grid as the patch stem, still under 500K parameters."""
+    model = create_vision_mamba2_model(stem="conv")
+    convs = [m for m in model.stem if isinstance(m, torch.nn.Conv2d)]
+    assert [(m.in_channels, m.out_channels, m.stride) for m in convs] == [(1, 32, (2, 2)), (32, 64, (2, 2)),
+                                                                          (64, 128, (1, 1))]
+    assert model.stem(torch.randn(2, 1, 28, 28)).shape == (2, 128, 7, 7)
+    assert sum(p.numel() for p in model.parameters()) <= 500_000
+    assert create_vision_mamba2_model(stem="conv", patch_size=2).stem(torch.randn(2, 1, 28, 28)).shape == (
+        2, 128, 14, 14)
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
 @pytest.mark.parametrize("local_conv", [False, True])
 def test_local_conv_mixes_2d_neighbours_that_the_scan_reads_later(local_conv):
     """A one-way scan over a row-major grid: the first token's output depends on no other token, unless the
@@ -120,6 +134,9 @@ def test_bad_input_shapes_raise_value_error(shape):
     (dict(dropout=1.0), "dropout must be in"),
     (dict(drop_path=-0.1), "drop_path must be in"),
     (dict(stem_width=0), "stem_width must be None"),
+    (dict(stem="pixels"), "stem must be one of"),
+    (dict(stem="conv", img_size=24, patch_size=6), "patch_size 6 must be a power of 2"),
+    (dict(stem="conv", stem_width=8), "the conv stem has none"),
 ])
 def test_impossible_configs_say_what_to_change(overrides, message):
     with pytest.raises(ValueError, match=message):

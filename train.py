@@ -222,7 +222,8 @@ def build_parser():
                    help="how the image becomes tokens: patch, one conv of kernel 2p-1 and stride p (6K parameters); "
                         "conv, early convolutions (Xiao et al. 2021): log2(p) 3x3 stride-2 conv + BatchNorm + GELU "
                         "stages from d-model/p channels, doubling, then a 1x1 conv to d-model (27K parameters at "
-                        "patch 4: 1 -> 32 -> 64 -> 128 channels), so the tokens carry nonlinear local features")
+                        "patch 4: 1 -> 32 -> 64 -> 128 channels), so the tokens carry nonlinear local features. "
+                        "patch is the measured recipe; conv tested at 99.38 %% in one full run (seed 0; README)")
     g.add_argument("--stem-width", type=int_at_least(1), default=model_defaults.stem_width,
                    help="channels of a full-resolution 3x3 conv + BatchNorm + GELU before the tokenizing conv, for "
                         "local 2-D features before the 1-D scans (early convolutions, as in hybrid ViTs); default: "

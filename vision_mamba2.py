@@ -312,15 +312,17 @@ class VisionMambaBlock(nn.Module):
         return rearrange(t + self.drop_path(y), "b (h w) c -> b c h w", h=h, w=w)
 
 
+def conv_bn_gelu(cin, cout, stride=1):
+    """The stems' nonlinear 3x3 conv, as layers to splice into a Sequential (the checkpoints' keys count them)."""
+    return [nn.Conv2d(cin, cout, kernel_size=3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.GELU()]
+
+
 def patch_stem(c):
     """Overlapping conv, kernel 2p-1, stride p: (B, in_chans, H, W) -> (B, d_model, H/p, W/p). With stem_width, a
     3x3 conv + BatchNorm + GELU at full resolution first: local 2-D features before the 1-D scans."""
     p = c.patch_size
     tokens = nn.Conv2d(c.stem_width or c.in_chans, c.d_model, kernel_size=2 * p - 1, stride=p, padding=p - 1)
-    if c.stem_width is None:
-        return tokens
-    return nn.Sequential(nn.Conv2d(c.in_chans, c.stem_width, kernel_size=3, padding=1, bias=False),
-                         nn.BatchNorm2d(c.stem_width), nn.GELU(), tokens)
+    return tokens if c.stem_width is None else nn.Sequential(*conv_bn_gelu(c.in_chans, c.stem_width), tokens)
 
 
 def conv_stem(c):
@@ -329,8 +331,7 @@ def conv_stem(c):
     d_model 128: 1 -> 32 -> 64 -> 128 channels, 28 -> 14 -> 7 pixels, 27K parameters (the patch stem: 6K)."""
     layers, cin, width = [], c.in_chans, c.d_model // c.patch_size
     for _ in range(c.patch_size.bit_length() - 1):
-        layers += [nn.Conv2d(cin, width, kernel_size=3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width),
-                   nn.GELU()]
+        layers += conv_bn_gelu(cin, width, stride=2)
         cin, width = width, 2 * width
     return nn.Sequential(*layers, nn.Conv2d(cin, c.d_model, kernel_size=1))
 

@@ -47,6 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from matplotlib.ticker import MaxNLocator
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torch.utils.tensorboard import SummaryWriter
 from torchvision import datasets, transforms
@@ -289,6 +290,12 @@ def build_parser():
                    help="cross-entropy label smoothing; reported losses include it")
     g.add_argument("--grad-clip", type=float_in(0), default=1.0,
                    help="clip the global gradient norm to this (0 = off)")
+    g.add_argument("--ema", type=float_in(0, 1, hi_open=True), default=0.0,
+                   help="decay of an exponential moving average of the weights, updated after every step (0 = off): "
+                        "validation, model selection, the checkpoints' model and the test use the averaged weights, "
+                        "which smooth out the last steps' noise (as timm's ModelEma); 0.999 averages over about the "
+                        "last 1,000 steps (2.3 epochs at batch 128). The raw weights' validation accuracy is printed "
+                        "and logged beside it")
     g.add_argument("--patience", type=int_at_least(0), default=None,
                    help="stop early after this many epochs without a better validation accuracy (0 = never); "
                         "default: half of --epochs, at least 5. The cosine schedule's best epochs come late, so a "
@@ -675,13 +682,14 @@ class GracefulInterrupt:
 
 
 def train_one_epoch(model, split, *, optimizer, scheduler, scaler, criterion, autocast, args, epoch, stop,
-                    resume=None):
+                    update_ema=None, resume=None):
     """One pass over the training split, from step resume["step"] if given.
 
     Returns (metrics, None) when the epoch completes, or (None, state) when Ctrl-C stopped it: the
     state resumes this epoch at the next step. The epoch's shuffle and augmentation come from one
     generator seeded by (seed, epoch), which is what makes a resumed epoch replay exactly. Under torchrun
-    every rank draws the same shuffle (and takes its share of it), then its own augmentation.
+    every rank draws the same shuffle (and takes its share of it), then its own augmentation. update_ema, if
+    given, runs after every optimizer step.
     """
     device = split.device
     rank, world_size = rank_and_world_size()
@@ -734,6 +742,8 @@ def train_one_epoch(model, split, *, optimizer, scheduler, scaler, criterion, au
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        if update_ema:
+            update_ema()
 
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(dim=1) == y).sum()
@@ -905,6 +915,10 @@ def train(args, given):
     except (ValueError, RuntimeError) as e:
         raise UsageError(f"invalid model configuration: {e}") from None
     model = compile_model(raw_model, args.compile_mode) if args.compile else raw_model
+    # --ema: training steps move raw_model; validation, selection, the checkpoints' "model" and the test see the average
+    ema = weight_average(raw_model, args.ema) if args.ema else None
+    eval_model = model if not ema else compile_model(ema.module, args.compile_mode) if args.compile else ema.module
+    saved_model = ema.module if ema else raw_model
     # training steps go through DDP, which averages the gradients over the ranks; evaluation shards the data
     # and calls the model itself
     train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
@@ -926,7 +940,10 @@ def train(args, given):
     history = {k: [] for k in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_sec")}
     start_epoch, best_val_acc, best_epoch, metrics, epoch_state = 0, -1.0, 0, {}, None
     if resume:
-        raw_model.load_state_dict(resume["model"])
+        raw_model.load_state_dict(resume.get("raw_model") or resume["model"])
+        if ema:
+            ema.module.load_state_dict(resume["model"])
+            ema.n_averaged.fill_(resume["ema_updates"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         if resume["scaler"]:
@@ -946,7 +963,8 @@ def train(args, given):
         # called by every rank: each one's random state (and, mid-epoch, where it stands) goes in for an exact
         # resume; rank 0 writes the checkpoint
         ranks = gather_from_ranks({"rng": get_rng_state(), "epoch_state": state})
-        return {"model": raw_model.state_dict(), "config": dataclasses.asdict(raw_model.config),
+        return {"model": saved_model.state_dict(), "raw_model": raw_model.state_dict() if ema else None,
+                "ema_updates": int(ema.n_averaged) if ema else 0, "config": dataclasses.asdict(raw_model.config),
                 "args": dict(vars(args)), "dataset": args.dataset, "normalization": {"mean": mean, "std": std},
                 "epoch": epoch, "metrics": dict(metrics), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": ranks[0]["rng"],
@@ -995,7 +1013,8 @@ def train(args, given):
                         break
                     train_metrics, epoch_state = train_one_epoch(
                         train_model, train_split, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                        criterion=criterion, autocast=autocast, args=args, epoch=epoch, stop=stop, resume=epoch_state)
+                        criterion=criterion, autocast=autocast, args=args, epoch=epoch, stop=stop,
+                        update_ema=(lambda: ema.update_parameters(raw_model)) if ema else None, resume=epoch_state)
                     if epoch_state:
                         ckpt = checkpoint(epoch - 1, epoch_state)
                         if master:
@@ -1004,14 +1023,17 @@ def train(args, given):
                                f"saved {last_path}; {resume_hint}", file=sys.stderr)
                         return 130
                     if ddp:  # DDP syncs buffers at each training forward only: evaluate with rank 0's BatchNorm
-                        for buffer in raw_model.buffers():  # statistics (--arch cnn), the ones its checkpoint holds
-                            dist.broadcast(buffer, 0)
-                    val_loss, val_acc = evaluate(model, val_split, criterion, autocast, "validation")
+                        for buffer in itertools.chain(raw_model.buffers(), ema.module.buffers() if ema else []):
+                            dist.broadcast(buffer, 0)  # statistics (--arch cnn), the ones its checkpoint holds
+                    val_loss, val_acc = evaluate(eval_model, val_split, criterion, autocast, "validation")
                     if not math.isfinite(val_loss):
                         raise TrainingError(f"the validation loss became {val_loss} in epoch {epoch}: stopping; "
                                             f"the checkpoints from before are kept (try a lower --lr)")
                     metrics = {**train_metrics, "val_loss": val_loss, "val_acc": val_acc,
                                "lr": optimizer.param_groups[0]["lr"]}
+                    if ema:
+                        metrics["val_acc_raw"] = evaluate(model, val_split, criterion, autocast,
+                                                          "validation (raw weights)")[1]
                     for key in history:
                         history[key].append(metrics[key])
                     improved = val_acc > best_val_acc
@@ -1020,17 +1042,21 @@ def train(args, given):
                     ckpt = checkpoint(epoch)
                     if master:
                         # "loss/..." and "accuracy/..." put train and validation side by side in TensorBoard
-                        for name, value in [("loss/train", metrics["train_loss"]), ("loss/val", val_loss),
-                                            ("accuracy/train", metrics["train_acc"]), ("accuracy/val", val_acc),
-                                            ("lr", metrics["lr"]), ("images_per_sec", metrics["images_per_sec"])]:
+                        scalars = {"loss/train": metrics["train_loss"], "loss/val": val_loss,
+                                   "accuracy/train": metrics["train_acc"], "accuracy/val": val_acc, "lr": metrics["lr"],
+                                   "images_per_sec": metrics["images_per_sec"]}
+                        if ema:
+                            scalars["accuracy/val_raw_weights"] = metrics["val_acc_raw"]
+                        for name, value in scalars.items():
                             writer.add_scalar(name, value, epoch)
                         writer.flush()
                         if improved:
                             save_checkpoint(ckpt, args.out)
                         save_checkpoint(ckpt, last_path)
                         plot_history(history, plot_path, augmented=augments(args))
+                    raw = f" (raw weights {metrics['val_acc_raw']:.2%})" if ema else ""
                     print0(f"epoch {epoch}/{args.epochs} | train loss {metrics['train_loss']:.4f} acc "
-                           f"{metrics['train_acc']:.2%} | val loss {val_loss:.4f} acc {val_acc:.2%} | lr "
+                           f"{metrics['train_acc']:.2%} | val loss {val_loss:.4f} acc {val_acc:.2%}{raw} | lr "
                            f"{metrics['lr']:.2e} | {metrics['images_per_sec']:,.0f} img/s"
                            f"{' | best' if improved else ''}")
                     # Ctrl-C at the very end of the epoch (on any rank): it is saved whole
@@ -1054,9 +1080,25 @@ def train(args, given):
             writer.add_hparams({**hparams, "patience": patience, "parameters": n_params},
                                {"test/accuracy": test_acc, "test/loss": test_loss, "val/best_accuracy": best_val_acc},
                                run_name=".", global_step=len(history["val_acc"]))  # ".": this run, beside its curves
-    print0(f"test: loss {test_loss:.4f} acc {test_acc:.2%} with the weights of epoch {best_epoch} "
-           f"(validation acc {best_val_acc:.2%}) -> {args.out}, {last_path}, {plot_path}")
+    weights = "averaged weights" if ema else "weights"
+    print0(f"test: loss {test_loss:.4f} acc {test_acc:.2%} with the {weights} of epoch {best_epoch} (validation acc "
+           f"{best_val_acc:.2%}) -> {args.out}, {last_path}, {plot_path}")
     return 0
+
+
+def weight_average(model, decay):
+    """An exponential moving average of model's weights (torch.optim.swa_utils.AveragedModel; its first update
+    copies them). Floating-point parameters and buffers (BatchNorm's running statistics) are averaged; integer
+    buffers (scan orders, BatchNorm's step count) are copied, which the EMA's own float arithmetic would round."""
+    ema = get_ema_multi_avg_fn(decay)
+
+    def update(averaged, current, num_averaged):  # lists of tensors of one device and dtype
+        if averaged[0].is_floating_point():
+            ema(averaged, current, num_averaged)
+        else:
+            for a, c in zip(averaged, current):
+                a.copy_(c)
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
 def compile_model(model, mode="default"):

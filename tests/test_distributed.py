@@ -176,12 +176,14 @@ def test_a_failing_rank_ends_the_job(data_dir, tmp_path):
     assert "epoch 2/2 |" not in proc.stdout
 
 
-def test_cnn_validates_with_rank_0s_batchnorm_statistics(data_dir, tmp_path):
+@pytest.mark.parametrize("ema", [[], ["--ema", "0.5"]], ids=["weights", "ema"])
+def test_cnn_validates_with_rank_0s_batchnorm_statistics(ema, data_dir, tmp_path):
     # DDP copies rank 0's buffers to the others only at training forwards: after the last step of an epoch each
-    # rank's BatchNorm running statistics differ, and validation must use the ones the checkpoint holds
+    # rank's BatchNorm running statistics differ (and so do their averages, --ema), and validation must use the
+    # ones the checkpoint holds
     cmd = [*torchrun_prefix(), str(REPO / "train.py"), "--arch", "cnn", "--width", "4", "--batch-size", "8",
            "--val-size", "50", "--device", "cpu", "--seed", "0", "--epochs", "1", "--data-dir", str(data_dir),
-           "--out", str(tmp_path / "c.pth"), "--log-dir", str(tmp_path / "runs")]
+           "--out", str(tmp_path / "c.pth"), "--log-dir", str(tmp_path / "runs"), *ema]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=PROC_ENV, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     best = load(tmp_path / "c.pth")

@@ -3,6 +3,7 @@ train.py end to end, on CPU, in seconds: a tiny model on a tiny synthetic datase
 MNIST layout (raw IDX files), so nothing is downloaded. Run from the repository root: python -m pytest tests/
 """
 
+import contextlib
 import os
 import shutil
 import signal
@@ -216,6 +217,64 @@ def test_conv_stem_reaches_the_checkpoint_and_test_model(data_dir, tmp_path):
                                                                torch.zeros_like(ckpt["model"]["stem.1.running_mean"]))
     model = test_model.build_model(ckpt, str(tmp_path / "m.pth"), torch.device("cpu"))
     assert torch.equal(model.stem[1].running_mean, ckpt["model"]["stem.1.running_mean"])
+
+
+def test_ema_validates_checkpoints_and_resumes_the_average_of_the_weights(data_dir, tmp_path, monkeypatch):
+    """--ema D: the checkpoint's model is the exponential moving average of the weights after each step (the raw
+    ones ride along for resume), validation scores that average, and a resumed run continues it exactly."""
+    steps = []  # the raw weights after every optimizer step
+    real_train_one_epoch = train.train_one_epoch
+
+    def recording(model, split, *, update_ema, **kwargs):
+        def update():
+            steps.append({k: v.clone() for k, v in model.state_dict().items()})
+            update_ema()
+        return real_train_one_epoch(model, split, update_ema=update, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", recording)
+    flags = [*TINY, "--data-dir", data_dir, "--max-train-samples", 96, "--ema", 0.8, "--run-name", "tiny"]
+    assert run_main([*flags, "--out", tmp_path / "m.pth", "--log-dir", tmp_path / "runs", "--epochs", 2]) == 0
+    last = load(tmp_path / "m_last.pth")
+    assert last["ema_updates"] == len(steps) > 2
+    expected = steps[0]  # the average starts at the weights after the first step
+    for raw in steps[1:]:
+        expected = {k: torch.lerp(e, raw[k], 0.2) for k, e in expected.items()}
+    assert last["model"].keys() == expected.keys()
+    for k, e in expected.items():
+        torch.testing.assert_close(last["model"][k], e, msg=k)
+        assert torch.equal(last["raw_model"][k], steps[-1][k]), k
+    assert not all(torch.equal(last["model"][k], last["raw_model"][k]) for k in expected)
+
+    # validation scored the average, which is what the checkpoint holds for test_model.py
+    _, val_loader, _ = train.get_mnist_dataloaders(data_dir=str(data_dir), batch_size=64, val_size=50,
+                                                   max_train_samples=96, seed=0)
+    model = test_model.build_model(last, str(tmp_path / "m_last.pth"), torch.device("cpu"))
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    val_loss, _ = train.evaluate(model, train.LoaderSplit(val_loader, torch.device("cpu")), criterion,
+                                 contextlib.nullcontext, "validation")
+    assert val_loss == pytest.approx(last["history"]["val_loss"][-1], rel=1e-5)
+    assert len(scalars(tmp_path / "runs" / "tiny")["accuracy/val_raw_weights"]) == 2
+
+    # one epoch, then a resumed second: the same average and raw weights as the straight run
+    out = tmp_path / "resumed"
+    assert run_main([*flags, "--out", out / "m.pth", "--log-dir", out / "runs", "--epochs", 1]) == 0
+    assert run_main(["--resume", out / "m_last.pth", "--epochs", 2]) == 0
+    resumed = load(out / "m_last.pth")
+    assert resumed["ema_updates"] == last["ema_updates"]
+    for key in ("model", "raw_model"):
+        for k, v in last[key].items():
+            assert torch.equal(resumed[key][k], v), (key, k)
+
+
+def test_the_weight_average_copies_integer_buffers():
+    """BatchNorm's step count (and the scan orders) are integers: copied, never averaged and rounded."""
+    bn = torch.nn.BatchNorm1d(3)
+    ema = train.weight_average(bn, 0.9)
+    for _ in range(4):
+        bn(torch.randn(8, 3))
+        ema.update_parameters(bn)
+    assert ema.module.num_batches_tracked.item() == 4
+    assert not torch.equal(ema.module.running_mean, bn.running_mean)  # the floats are averaged
 
 
 def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):

@@ -23,6 +23,7 @@ training_history.png next to it, and TensorBoard logs in <--log-dir>/<run-name>/
 
 import argparse
 import contextlib
+import copy
 import ctypes
 import dataclasses
 import datetime
@@ -47,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from matplotlib.ticker import MaxNLocator
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torch.utils.tensorboard import SummaryWriter
 from torchvision import datasets, transforms
@@ -916,7 +917,7 @@ def train(args, given):
         raise UsageError(f"invalid model configuration: {e}") from None
     model = compile_model(raw_model, args.compile_mode) if args.compile else raw_model
     # --ema: training steps move raw_model; validation, selection, the checkpoints' "model" and the test see the average
-    ema = weight_average(raw_model, args.ema) if args.ema else None
+    ema = WeightAverage(raw_model, args.ema) if args.ema else None
     eval_model = model if not ema else compile_model(ema.module, args.compile_mode) if args.compile else ema.module
     saved_model = ema.module if ema else raw_model
     # training steps go through DDP, which averages the gradients over the ranks; evaluation shards the data
@@ -943,7 +944,7 @@ def train(args, given):
         raw_model.load_state_dict(resume.get("raw_model") or resume["model"])
         if ema:
             ema.module.load_state_dict(resume["model"])
-            ema.n_averaged.fill_(resume["ema_updates"])
+            ema.updates = resume["ema_updates"]
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         if resume["scaler"]:
@@ -964,7 +965,7 @@ def train(args, given):
         # resume; rank 0 writes the checkpoint
         ranks = gather_from_ranks({"rng": get_rng_state(), "epoch_state": state})
         return {"model": saved_model.state_dict(), "raw_model": raw_model.state_dict() if ema else None,
-                "ema_updates": int(ema.n_averaged) if ema else 0, "config": dataclasses.asdict(raw_model.config),
+                "ema_updates": ema.updates if ema else 0, "config": dataclasses.asdict(raw_model.config),
                 "args": dict(vars(args)), "dataset": args.dataset, "normalization": {"mean": mean, "std": std},
                 "epoch": epoch, "metrics": dict(metrics), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": ranks[0]["rng"],
@@ -1014,7 +1015,7 @@ def train(args, given):
                     train_metrics, epoch_state = train_one_epoch(
                         train_model, train_split, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                         criterion=criterion, autocast=autocast, args=args, epoch=epoch, stop=stop,
-                        update_ema=(lambda: ema.update_parameters(raw_model)) if ema else None, resume=epoch_state)
+                        update_ema=(lambda: ema.update(raw_model)) if ema else None, resume=epoch_state)
                     if epoch_state:
                         ckpt = checkpoint(epoch - 1, epoch_state)
                         if master:
@@ -1086,19 +1087,29 @@ def train(args, given):
     return 0
 
 
-def weight_average(model, decay):
-    """An exponential moving average of model's weights (torch.optim.swa_utils.AveragedModel; its first update
-    copies them). Floating-point parameters and buffers (BatchNorm's running statistics) are averaged; integer
-    buffers (scan orders, BatchNorm's step count) are copied, which the EMA's own float arithmetic would round."""
-    ema = get_ema_multi_avg_fn(decay)
+class WeightAverage:
+    """An exponential moving average of a model's weights, kept in a copy of it (.module): the first update copies
+    the weights, each later one moves the average by (1 - decay) towards them, in one foreach lerp (torch's
+    get_ema_multi_avg_fn). Floating-point buffers (BatchNorm's running statistics) are averaged too; integer ones
+    (scan orders, BatchNorm's step count) are copied, which float arithmetic would round. torch's AveragedModel
+    does the same, but copies its step counter (a CPU tensor) to the GPU at every update, a copy that waits for the
+    device; here the count is a Python int, so training never stops to wait (bit for bit the same average)."""
 
-    def update(averaged, current, num_averaged):  # lists of tensors of one device and dtype
-        if averaged[0].is_floating_point():
-            ema(averaged, current, num_averaged)
-        else:
-            for a, c in zip(averaged, current):
-                a.copy_(c)
-    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+    def __init__(self, model, decay):
+        self.module = copy.deepcopy(model).requires_grad_(False)
+        self.lerp, self.updates = get_ema_multi_avg_fn(decay), 0
+
+    @torch.no_grad()
+    def update(self, model):
+        pairs = list(zip(itertools.chain(self.module.parameters(), self.module.buffers()),
+                         itertools.chain(model.parameters(), model.buffers()), strict=True))
+        if self.updates:
+            floats = [(a, c) for a, c in pairs if a.is_floating_point()]
+            self.lerp([a for a, _ in floats], [c for _, c in floats], None)
+            pairs = [(a, c) for a, c in pairs if not a.is_floating_point()]
+        for a, c in pairs:  # the first update copies everything, the later ones the integers
+            a.copy_(c)
+        self.updates += 1
 
 
 def compile_model(model, mode="default"):

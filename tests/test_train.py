@@ -269,10 +269,10 @@ def test_ema_validates_checkpoints_and_resumes_the_average_of_the_weights(data_d
 def test_the_weight_average_copies_integer_buffers():
     """BatchNorm's step count (and the scan orders) are integers: copied, never averaged and rounded."""
     bn = torch.nn.BatchNorm1d(3)
-    ema = train.weight_average(bn, 0.9)
+    ema = train.WeightAverage(bn, 0.9)
     for _ in range(4):
         bn(torch.randn(8, 3))
-        ema.update_parameters(bn)
+        ema.update(bn)
     assert ema.module.num_batches_tracked.item() == 4
     assert not torch.equal(ema.module.running_mean, bn.running_mean)  # the floats are averaged
 

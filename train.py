@@ -1017,7 +1017,7 @@ def train(args, given):
                     train_metrics, epoch_state = train_one_epoch(
                         train_model, train_split, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                         criterion=criterion, autocast=autocast, args=args, epoch=epoch, stop=stop,
-                        update_ema=(lambda: ema.update(raw_model)) if ema else None, resume=epoch_state)
+                        update_ema=ema.update if ema else None, resume=epoch_state)
                     if epoch_state:
                         ckpt = checkpoint(epoch - 1, epoch_state)
                         if master:
@@ -1090,7 +1090,7 @@ def train(args, given):
 
 
 class WeightAverage:
-    """An exponential moving average of a model's weights, kept in a copy of it (.module): the first update copies
+    """An exponential moving average of a model's weights, kept in a copy of it (.module): the first update() copies
     the weights, each later one moves the average by (1 - decay) towards them, in one foreach lerp (torch's
     get_ema_multi_avg_fn). Floating-point buffers (BatchNorm's running statistics) are averaged too; integer ones
     (scan orders, BatchNorm's step count) are copied, which float arithmetic would round. torch's AveragedModel
@@ -1100,16 +1100,19 @@ class WeightAverage:
     def __init__(self, model, decay):
         self.module = copy.deepcopy(model).requires_grad_(False)
         self.lerp, self.updates = get_ema_multi_avg_fn(decay), 0
+        # (average, weight) tensor pairs, paired once: training and loading a checkpoint change them in place
+        self.pairs = list(zip(itertools.chain(self.module.parameters(), self.module.buffers()),
+                              itertools.chain(model.parameters(), model.buffers()), strict=True))
+        floats = [(a, c) for a, c in self.pairs if a.is_floating_point()]
+        self.floats = [a for a, _ in floats], [c for _, c in floats]
+        self.integers = [(a, c) for a, c in self.pairs if not a.is_floating_point()]
 
     @torch.no_grad()
-    def update(self, model):
-        pairs = list(zip(itertools.chain(self.module.parameters(), self.module.buffers()),
-                         itertools.chain(model.parameters(), model.buffers()), strict=True))
+    def update(self):
+        """Average in the model's current weights."""
         if self.updates:
-            floats = [(a, c) for a, c in pairs if a.is_floating_point()]
-            self.lerp([a for a, _ in floats], [c for _, c in floats], None)
-            pairs = [(a, c) for a, c in pairs if not a.is_floating_point()]
-        for a, c in pairs:  # the first update copies everything, the later ones the integers
+            self.lerp(*self.floats, None)
+        for a, c in self.integers if self.updates else self.pairs:  # the first update copies everything
             a.copy_(c)
         self.updates += 1
 

@@ -272,7 +272,7 @@ def test_the_weight_average_copies_integer_buffers():
     ema = train.WeightAverage(bn, 0.9)
     for _ in range(4):
         bn(torch.randn(8, 3))
-        ema.update(bn)
+        ema.update()
     assert ema.module.num_batches_tracked.item() == 4
     assert not torch.equal(ema.module.running_mean, bn.running_mean)  # the floats are averaged
 

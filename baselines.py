@@ -1,5 +1,5 @@
 """
-Baselines of about Vision Mamba 2's size (~470K parameters), trained by the same train.py (`--arch cnn`,
+Baselines of about Vision Mamba 2's size (~475K parameters), trained by the same train.py (`--arch cnn`,
 `--arch vit`) and timed by bench.py, so that accuracy and speed are compared like with like.
 
     CNN: 3 stages of two (3x3 conv -> BatchNorm -> ReLU) at widths w, 2w, 4w, 2x2 max-pool between them

@@ -4,8 +4,8 @@ Vision Mamba 2: an MNIST classifier built from Mamba-2 (SSD) blocks instead of C
     image (B, 1, 28, 28) -> conv stem, stride 4, kernel 7 (optionally after a full-resolution conv; or, stem="conv",
        two 3x3 stride-2 convs and a 1x1) -> (B, D, 7, 7)
        + learned 2-D position embedding
-    -> num_blocks x VisionMambaBlock: the whole 7x7 grid as one 49-token sequence (optionally after a residual
-       3x3 depthwise conv on the grid), read in one ("uni"), two ("bi", as Vim) or four ("cross", as VMamba)
+    -> num_blocks x VisionMambaBlock: a residual 3x3 depthwise conv on the grid (local_conv), then the whole 7x7
+       grid as one 49-token sequence, read in one ("uni"), two ("bi", as Vim) or four ("cross", as VMamba)
        directions by one Mamba-2 mixer
     -> LayerNorm -> global average pool -> MLP head -> logits (B, 10)
 
@@ -50,12 +50,15 @@ class ModelConfig:
     the input check of the image classifiers (check_input), and, in validate, the checks of the Mamba-2 mixer
     (baselines.py's configs override validate)."""
 
+    # fields whose default changed after checkpoints without them were written: their value in those checkpoints
+    LEGACY = {}
+
     @classmethod
     def from_dict(cls, d):
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown model config keys {sorted(unknown)}: written by another version of this code?")
-        return cls(**d)
+        return cls(**{**cls.LEGACY, **d})
 
     def validate_fields(self):
         for f in dataclasses.fields(self):
@@ -111,8 +114,9 @@ class VisionMamba2Config(ModelConfig):
     scan: str = "bi"
     dropout: float = 0.1  # in the classifier head
     drop_path: float = 0.0  # stochastic depth: the chance that the last block's branch is skipped (0 for the first)
-    local_conv: bool = False  # a residual 3x3 depthwise conv on the token grid at the start of each block
+    local_conv: bool = True  # a residual 3x3 depthwise conv on the token grid at the start of each block
     backend: str = "auto"
+    LEGACY = {"local_conv": False}  # the model before local_conv existed (and was off by default)
 
     def validate(self):
         if self.scan not in SCANS:
@@ -435,7 +439,7 @@ class SequentialMamba2(nn.Module):
 
 
 def create_vision_mamba2_model(**config):
-    """VisionMamba2 from config fields (see VisionMamba2Config); the defaults give ~470K parameters."""
+    """VisionMamba2 from config fields (see VisionMamba2Config); the defaults give ~475K parameters."""
     return VisionMamba2(VisionMamba2Config(**config))
 
 

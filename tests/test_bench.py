@@ -38,8 +38,8 @@ def test_every_section_runs_into_one_json(data_dir, tmp_path):
     assert [r["batch"] for r in models] == [2, 2, 2, 2, 32] and {r["device"] for r in models} == {"cpu"}
     assert all(r["train_img_s"] > 0 and r["infer_img_s"] > 0 and r["activation_mib"] > 0 and r["peak_mib"] is None
                for r in models)
-    assert "| Vision Mamba 2 | portable | eager | 470,378 | fp32 | 2 |" in proc.stdout
-    assert "| Vision Mamba 2 (--patch-size 2) | portable | eager | 484,074 | fp32 | 2 |" in proc.stdout
+    assert "| Vision Mamba 2 | portable | eager | 475,498 | fp32 | 2 |" in proc.stdout
+    assert "| Vision Mamba 2 (--patch-size 2) | portable | eager | 489,194 | fp32 | 2 |" in proc.stdout
     assert {r["mode"] for r in models} == {"eager"}
     assert {r["model"] for r in report["sections"]["scaling"]} == {"Mamba-2", "attention"}
     assert plot.stat().st_size > 0
@@ -127,7 +127,7 @@ def test_model_rows_say_why_they_have_no_numbers_and_the_others_still_run(data_d
     # activation memory: eager only
     assert [r["activation_mib"] is None for r in measured] == [True, False, True, False, True, False, False]
     out, err = capsys.readouterr()
-    assert "| Vision Mamba 2 | portable | eager | 470,378 | fp32 | 2 | out of memory | - | - | - | - |" in out
+    assert "| Vision Mamba 2 | portable | eager | 475,498 | fp32 | 2 | out of memory | - | - | - | - |" in out
     assert "| ViT (baselines.py) | - | compiled | 462,154 | fp32 | 2 | compile failed (RuntimeError) |" in out
     assert "compile failed (RuntimeError): a compiler bug" in err
 

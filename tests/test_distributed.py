@@ -176,7 +176,7 @@ def test_a_failing_rank_ends_the_job(data_dir, tmp_path):
     assert "epoch 2/2 |" not in proc.stdout
 
 
-@pytest.mark.parametrize("ema", [[], ["--ema", "0.5"]], ids=["weights", "ema"])
+@pytest.mark.parametrize("ema", [["--ema", "0"], ["--ema", "0.5"]], ids=["weights", "ema"])
 def test_cnn_validates_with_rank_0s_batchnorm_statistics(ema, data_dir, tmp_path):
     # DDP copies rank 0's buffers to the others only at training forwards: after the last step of an epoch each
     # rank's BatchNorm running statistics differ (and so do their averages, --ema), and validation must use the

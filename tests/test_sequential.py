@@ -129,7 +129,7 @@ def test_psmnist_trains_resumes_and_evaluates(data_dir, tmp_path):
     ckpt = load(out)
     args, config = ckpt["args"], ckpt["config"]
     assert args["task"] == "psmnist" and config["permutation_seed"] == 1 and config["seq_len"] == 784
-    assert (args["aug_translate"], args["aug_rotate"], args["aug_scale"]) == (0, 0, 0)  # the task's defaults
+    assert (args["aug_translate"], args["aug_rotate"], args["aug_scale"], args["ema"]) == (0, 0, 0, 0)  # the task's
     assert torch.equal(ckpt["model"]["permutation"], pixel_permutation(784, 1))
 
     # resume without --task: the checkpoint's task, pixel order and defaults carry on

@@ -207,6 +207,25 @@ def test_model_options_reach_the_checkpoint_and_test_model(data_dir, tmp_path):
     assert load(tmp_path / "m_last.pth")["args"]["patch_size"] == 2
 
 
+def test_checkpoints_from_before_the_local_conv_and_ema_defaults_load_and_resume_as_they_were(data_dir, tmp_path):
+    """A checkpoint written before --local-conv and --ema existed has neither key, nor local conv weights nor a
+    raw_model: test_model.py rebuilds it without the conv, and --resume continues it without the conv or an average,
+    although both are on by default now."""
+    assert run_main([*TINY, "--data-dir", data_dir, "--out", tmp_path / "m.pth", "--log-dir", tmp_path / "runs",
+                     "--epochs", 1, "--max-train-samples", 64, "--no-local-conv", "--ema", 0]) == 0
+    old = load(tmp_path / "m_last.pth")
+    del old["config"]["local_conv"], old["args"]["local_conv"], old["args"]["ema"], old["raw_model"]
+    del old["ema_updates"]
+    train.save_checkpoint(old, str(tmp_path / "old_last.pth"))
+    model = test_model.build_model(old, str(tmp_path / "old_last.pth"), torch.device("cpu"))
+    assert model.config.local_conv is False and all(block.local is None for block in model.blocks)
+    assert run_main(["--data-dir", data_dir, "--epochs", 2, "--resume", tmp_path / "old_last.pth"]) == 0
+    resumed = load(tmp_path / "m_last.pth")
+    assert resumed["epoch"] == 2 and resumed["raw_model"] is None
+    assert resumed["args"]["local_conv"] is False and resumed["config"]["local_conv"] is False
+    assert resumed["args"]["ema"] == 0
+
+
 def test_conv_stem_reaches_the_checkpoint_and_test_model(data_dir, tmp_path):
     """--stem conv: the checkpoint's config says so, and test_model.py rebuilds the conv stem (its BatchNorm
     statistics, which training moved, included)."""
@@ -232,13 +251,15 @@ def test_ema_validates_checkpoints_and_resumes_the_average_of_the_weights(data_d
         return real_train_one_epoch(model, split, update_ema=update, **kwargs)
 
     monkeypatch.setattr(train, "train_one_epoch", recording)
-    flags = [*TINY, "--data-dir", data_dir, "--max-train-samples", 96, "--ema", 0.8, "--run-name", "tiny"]
+    # 8 steps an epoch: the one-epoch run below can average with 0.5 (the cap, 1 - 4/8, does not bind)
+    flags = [*TINY, "--data-dir", data_dir, "--max-train-samples", 96, "--batch-size", 12, "--ema", 0.5,
+             "--run-name", "tiny"]
     assert run_main([*flags, "--out", tmp_path / "m.pth", "--log-dir", tmp_path / "runs", "--epochs", 2]) == 0
     last = load(tmp_path / "m_last.pth")
     assert last["ema_updates"] == len(steps) > 2
     expected = steps[0]  # the average starts at the weights after the first step
     for raw in steps[1:]:
-        expected = {k: torch.lerp(e, raw[k], 0.2) for k, e in expected.items()}
+        expected = {k: torch.lerp(e, raw[k], 0.5) for k, e in expected.items()}
     assert last["model"].keys() == expected.keys()
     for k, e in expected.items():
         torch.testing.assert_close(last["model"][k], e, msg=k)
@@ -264,6 +285,19 @@ def test_ema_validates_checkpoints_and_resumes_the_average_of_the_weights(data_d
     for key in ("model", "raw_model"):
         for k, v in last[key].items():
             assert torch.equal(resumed[key][k], v), (key, k)
+
+
+def test_a_short_run_averages_only_its_last_quarter_and_a_resumed_run_keeps_its_decay(data_dir, tmp_path, capsys):
+    """The default --ema 0.999 spans ~1,000 steps: a 6-step run caps its decay at 1 - 4/6, so the average is of its
+    last steps, not of its random start; more --epochs on resume keep the decay the run started with."""
+    flags = [*TINY, "--data-dir", data_dir, "--max-train-samples", 96, "--out", tmp_path / "m.pth",
+             "--log-dir", tmp_path / "runs"]
+    assert run_main([*flags, "--epochs", 2]) == 0  # 3 steps an epoch
+    assert "weight average (decay 0.3333)" in capsys.readouterr().out
+    assert load(tmp_path / "m_last.pth")["ema_decay"] == pytest.approx(1 / 3)
+    assert run_main(["--resume", tmp_path / "m_last.pth", "--epochs", 4]) == 0
+    resumed = load(tmp_path / "m_last.pth")
+    assert resumed["epoch"] == 4 and resumed["ema_decay"] == pytest.approx(1 / 3)
 
 
 def test_the_weight_average_copies_integer_buffers():

@@ -65,6 +65,8 @@ class ModelConfig:
             value = getattr(self, f.name)
             if f.type is int and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{f.name} must be a positive integer, got {value!r}")
+            if f.type is bool and not isinstance(value, bool):
+                raise ValueError(f"{f.name} must be True or False, got {value!r}")
         for name in {"dropout", "drop_path"} & {f.name for f in dataclasses.fields(self)}:
             value = getattr(self, name)
             if not 0 <= value < 1:

@@ -137,6 +137,7 @@ def test_bad_input_shapes_raise_value_error(shape):
     (dict(stem="pixels"), "stem must be one of"),
     (dict(stem="conv", img_size=24, patch_size=6), "patch_size 6 must be a power of 2"),
     (dict(stem="conv", stem_width=8), "the conv stem has none"),
+    (dict(local_conv="yes"), "local_conv must be True or False"),
 ])
 def test_impossible_configs_say_what_to_change(overrides, message):
     with pytest.raises(ValueError, match=message):

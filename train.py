@@ -128,7 +128,7 @@ TASK_DEFAULTS = {"image": {},
                  "smnist": {**SEQUENCE_DEFAULTS, "out": "vision_mamba2_smnist.pth"},
                  "psmnist": {**SEQUENCE_DEFAULTS, "out": "vision_mamba2_psmnist.pth"}}
 # the value a flag had in checkpoints written before it existed, where its default has changed since
-LEGACY_ARGS = {"ema": 0.0, "local_conv": False}
+LEGACY_ARGS = {"ema": 0.0, **VisionMamba2Config.LEGACY}
 # flags that mean something only for some tasks: giving one to another task is an error
 TASK_FLAGS = {"scan": ("image",), "patch_size": ("image",), "stem": ("image",), "stem_width": ("image",),
               "local_conv": ("image",),

@@ -800,7 +800,11 @@ def plot_history(history, path, *, augmented):
                                   (ax_acc, "acc", 100, "accuracy (%)")]:
         ax.plot(epochs, [scale * v for v in history[f"train_{key}"]], "o-",
                 label="train (augmented)" if augmented else "train")
-        ax.plot(epochs, [scale * v for v in history[f"val_{key}"]], "o-", label="validation")
+        averaged = "val_acc_raw" in history  # --ema: validation scored the weights' average
+        ax.plot(epochs, [scale * v for v in history[f"val_{key}"]], "o-",
+                label="validation (weight average)" if averaged else "validation")
+        if averaged and key == "acc":
+            ax.plot(epochs, [scale * v for v in history["val_acc_raw"]], "o--", label="validation (raw weights)")
         ax.set(xlabel="epoch", title=title)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -950,7 +954,8 @@ def train(args, given):
         # make_graphed_callables requires autocast's weight cache off (it only saves recasting a weight used twice)
         return torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp, cache_enabled=not args.cuda_graphs)
 
-    history = {k: [] for k in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_sec")}
+    history = {k: [] for k in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_sec",
+                               *(["val_acc_raw"] if ema else []))}
     start_epoch, best_val_acc, best_epoch, metrics, epoch_state = 0, -1.0, 0, {}, None
     if resume:
         raw_model.load_state_dict(resume.get("raw_model") or resume["model"])

@@ -274,7 +274,8 @@ def test_ema_validates_checkpoints_and_resumes_the_average_of_the_weights(data_d
     val_loss, _ = train.evaluate(model, train.LoaderSplit(val_loader, torch.device("cpu")), criterion,
                                  contextlib.nullcontext, "validation")
     assert val_loss == pytest.approx(last["history"]["val_loss"][-1], rel=1e-5)
-    assert len(scalars(tmp_path / "runs" / "tiny")["accuracy/val_raw_weights"]) == 2
+    raw_accuracies = [value for _, value in scalars(tmp_path / "runs" / "tiny")["accuracy/val_raw_weights"]]
+    assert raw_accuracies == pytest.approx(last["history"]["val_acc_raw"]) and len(raw_accuracies) == 2  # plotted
 
     # one epoch, then a resumed second: the same average and raw weights as the straight run
     out = tmp_path / "resumed"

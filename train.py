@@ -797,11 +797,11 @@ def evaluate(model, split, criterion, autocast, desc):
 def plot_history(history, path, *, augmented):
     epochs = range(1, len(history["train_loss"]) + 1)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    averaged = "val_acc_raw" in history  # --ema: validation scored the weights' average
     for ax, key, scale, title in [(ax_loss, "loss", 1, "loss (with label smoothing)"),
                                   (ax_acc, "acc", 100, "accuracy (%)")]:
         ax.plot(epochs, [scale * v for v in history[f"train_{key}"]], "o-",
                 label="train (augmented)" if augmented else "train")
-        averaged = "val_acc_raw" in history  # --ema: validation scored the weights' average
         ax.plot(epochs, [scale * v for v in history[f"val_{key}"]], "o-",
                 label="validation (weight average)" if averaged else "validation")
         if averaged and key == "acc":

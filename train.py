@@ -124,9 +124,7 @@ class Parser(argparse.ArgumentParser):
 SEQUENCE_DEFAULTS = {"d_model": SequentialMamba2Config.d_model, "num_blocks": SequentialMamba2Config.num_blocks,
                      "d_state": SequentialMamba2Config.d_state, "headdim": SequentialMamba2Config.headdim,
                      "lr": 2e-3, "epochs": 30, "aug_translate": 0.0, "aug_rotate": 0.0, "aug_scale": 0.0, "ema": 0.0}
-TASK_DEFAULTS = {"image": {},
-                 "smnist": {**SEQUENCE_DEFAULTS, "out": "vision_mamba2_smnist.pth"},
-                 "psmnist": {**SEQUENCE_DEFAULTS, "out": "vision_mamba2_psmnist.pth"}}
+TASK_DEFAULTS = {"image": {}, "smnist": SEQUENCE_DEFAULTS, "psmnist": SEQUENCE_DEFAULTS}
 # the value a flag had in checkpoints written before it existed, where its default has changed since
 LEGACY_ARGS = {"ema": 0.0, **VisionMamba2Config.LEGACY}
 # flags that mean something only for some tasks: giving one to another task is an error
@@ -142,9 +140,8 @@ MODELS = {("image", "mamba2"): (VisionMamba2Config, VisionMamba2),
           ("image", "vit"): (ViTConfig, ViT),
           ("smnist", "mamba2"): (SequentialMamba2Config, SequentialMamba2),
           ("psmnist", "mamba2"): (SequentialMamba2Config, SequentialMamba2)}
-ARCH_DEFAULTS = {"mamba2": {},
-                 "cnn": {"out": "cnn_mnist.pth"},
-                 "vit": {"d_model": ViTConfig.d_model, "num_blocks": ViTConfig.num_blocks, "out": "vit_mnist.pth"}}
+ARCH_DEFAULTS = {"mamba2": {}, "cnn": {},
+                 "vit": {"d_model": ViTConfig.d_model, "num_blocks": ViTConfig.num_blocks}}
 # flags that mean something only for some architectures
 ARCH_FLAGS = {"d_state": ("mamba2",), "headdim": ("mamba2",), "expand": ("mamba2",), "scan": ("mamba2",),
               "backend": ("mamba2",), "drop_path": ("mamba2",), "stem": ("mamba2",), "stem_width": ("mamba2",),
@@ -152,6 +149,17 @@ ARCH_FLAGS = {"d_state": ("mamba2",), "headdim": ("mamba2",), "expand": ("mamba2
               "patch_size": ("mamba2", "vit"),
               "d_model": ("mamba2", "vit"),
               "num_blocks": ("mamba2", "vit"), "width": ("cnn",), "heads": ("vit",), "mlp_ratio": ("vit",)}
+
+
+def default_out(task, arch, dataset):
+    """--out's default names what was trained, so that another task, model or dataset never overwrites a checkpoint:
+    vision_mamba2_mnist.pth, cnn_fashion_mnist.pth, vision_mamba2_smnist.pth, vision_mamba2_smnist_mnist1d.pth."""
+    parts = [{"mamba2": "vision_mamba2"}.get(arch, arch)]
+    if task != "image":
+        parts.append(task)  # smnist / psmnist name MNIST already
+    if task == "image" or dataset != "mnist":
+        parts.append(dataset.replace("-", "_"))
+    return "_".join(parts) + ".pth"
 
 
 def build_parser():
@@ -335,9 +343,11 @@ def build_parser():
                         "replay them every step (torch.cuda.make_graphed_callables): two launches instead of "
                         "hundreds of small kernels, which appear to bound the 14x14 model's steps on an H100 (README), "
                         "and no compiling. Not with --compile or torchrun. New: not yet run on a GPU")
-    g.add_argument("--out", default="vision_mamba2_mnist.pth",
-                   help="best-on-validation checkpoint; the last checkpoint (*_last.pth) and "
-                        "training_history.png go next to it")
+    g.add_argument("--out", default=None,
+                   help="best-on-validation checkpoint; the last checkpoint (*_last.pth) and training_history.png "
+                        "go next to it (default: named after the model, task and dataset, so that runs of others "
+                        "don't overwrite it: vision_mamba2_mnist.pth, cnn_mnist.pth, vision_mamba2_fashion_mnist.pth, "
+                        "vision_mamba2_smnist.pth, ...)")
     g.add_argument("--log-dir", default="runs", help="TensorBoard logs go to <log-dir>/<run-name>/")
     g.add_argument("--run-name", default=None,
                    help="TensorBoard run name (default: <dataset>-<date>-<time>, or the resumed run's)")
@@ -825,9 +835,10 @@ def train(args, given):
         before.update((key, value) for key, value in resume["config"].items() if key in before)
         merge_resume_args(args, {**before, **resume["args"]}, given)
     else:
-        defaults = {**TASK_DEFAULTS[args.task], **ARCH_DEFAULTS[args.arch]}
+        defaults = {**TASK_DEFAULTS[args.task], **ARCH_DEFAULTS[args.arch],
+                    "out": default_out(args.task, args.arch, args.dataset)}
         if args.dataset in SEQUENCE_DATASETS:  # MNIST-1D has 4,000 training sequences: a tenth for validation
-            defaults.update(val_size=500, out=f"vision_mamba2_{args.task}_{args.dataset}.pth")
+            defaults.update(val_size=500)
         for key, value in defaults.items():
             if key not in given:
                 setattr(args, key, value)

@@ -207,6 +207,30 @@ def test_model_options_reach_the_checkpoint_and_test_model(data_dir, tmp_path):
     assert load(tmp_path / "m_last.pth")["args"]["patch_size"] == 2
 
 
+@pytest.mark.parametrize("task,arch,dataset,name", [
+    ("image", "mamba2", "mnist", "vision_mamba2_mnist.pth"),
+    ("image", "cnn", "mnist", "cnn_mnist.pth"),
+    ("image", "vit", "fashion-mnist", "vit_fashion_mnist.pth"),
+    ("smnist", "mamba2", "mnist", "vision_mamba2_smnist.pth"),
+    ("psmnist", "mamba2", "fashion-mnist", "vision_mamba2_psmnist_fashion_mnist.pth"),
+    ("smnist", "mamba2", "mnist1d", "vision_mamba2_smnist_mnist1d.pth"),
+])
+def test_the_default_checkpoint_name_says_what_was_trained(task, arch, dataset, name):
+    assert train.default_out(task, arch, dataset) == name
+
+
+def test_a_run_on_another_dataset_leaves_the_mnist_checkpoint_alone(data_dir, tmp_path, monkeypatch):
+    """Without --out, python train.py --dataset fashion-mnist used to overwrite vision_mamba2_mnist.pth."""
+    monkeypatch.chdir(tmp_path)
+    common = [*TINY, "--data-dir", data_dir, "--log-dir", tmp_path / "runs", "--epochs", 1, "--max-train-samples", 64]
+    assert run_main(common) == 0
+    mnist = (tmp_path / "vision_mamba2_mnist.pth").read_bytes()
+    assert run_main([*common, "--dataset", "fashion-mnist"]) == 0
+    assert load(tmp_path / "vision_mamba2_fashion_mnist.pth")["args"]["dataset"] == "fashion-mnist"
+    assert load(tmp_path / "vision_mamba2_fashion_mnist_last.pth")["args"]["out"] == "vision_mamba2_fashion_mnist.pth"
+    assert (tmp_path / "vision_mamba2_mnist.pth").read_bytes() == mnist
+
+
 def test_checkpoints_from_before_the_local_conv_and_ema_defaults_load_and_resume_as_they_were(data_dir, tmp_path):
     """A checkpoint written before --local-conv and --ema existed has neither key, nor local conv weights nor a
     raw_model: test_model.py rebuilds it without the conv, and --resume continues it without the conv or an average,

@@ -2,7 +2,7 @@
 Train Vision Mamba 2 on MNIST (or Fashion-MNIST).
 
     python train.py                                   # the default recipe, aimed at >= 99.6% MNIST test accuracy
-    python train.py --dataset fashion-mnist --epochs 30
+    python train.py --dataset fashion-mnist           # -> vision_mamba2_fashion_mnist.pth (shifts only: README)
     python train.py --resume vision_mamba2_mnist_last.pth   # after Ctrl-C or a crash: carries on exactly
     torchrun --nproc_per_node=4 train.py              # 4 GPUs (DistributedDataParallel; on CPU: 4 processes)
     python train.py --task psmnist                    # sequential MNIST: one pixel per step, in a fixed random order
@@ -125,6 +125,10 @@ SEQUENCE_DEFAULTS = {"d_model": SequentialMamba2Config.d_model, "num_blocks": Se
                      "d_state": SequentialMamba2Config.d_state, "headdim": SequentialMamba2Config.headdim,
                      "lr": 2e-3, "epochs": 30, "aug_translate": 0.0, "aug_rotate": 0.0, "aug_scale": 0.0, "ema": 0.0}
 TASK_DEFAULTS = {"image": {}, "smnist": SEQUENCE_DEFAULTS, "psmnist": SEQUENCE_DEFAULTS}
+# An image dataset's own defaults. Fashion-MNIST's garments are upright and of one size: under MNIST's warp (15
+# degrees, 15 % zoom) both Vision Mamba 2 and the CNN underfitted, and shifts alone gave each about 1 point more
+# validation accuracy (README, Fashion-MNIST)
+IMAGE_DATASET_DEFAULTS = {"fashion-mnist": {"aug_translate": 2.0, "aug_rotate": 0.0, "aug_scale": 0.0}}
 # the value a flag had in checkpoints written before it existed, where its default has changed since
 LEGACY_ARGS = {"ema": 0.0, **VisionMamba2Config.LEGACY}
 # flags that mean something only for some tasks: giving one to another task is an error
@@ -173,7 +177,8 @@ def build_parser():
                     "of width 128 over a 7x7 token grid, each after a 3x3 depthwise conv), 10 epochs of AdamW "
                     "with linear warmup + cosine decay, label smoothing, a random affine augmentation (MNIST "
                     "digits are centred, so small shifts/rotations/zooms are what the test set varies by) and a "
-                    "moving average of the weights. Keep them for MNIST; Fashion-MNIST wants more epochs.",
+                    "moving average of the weights. --dataset fashion-mnist takes shifts only (README: 91.40%, "
+                    "the CNN 93.68%).",
         epilog="--resume takes every flag not given from the checkpoint. Hyperparameters given must agree with "
                "it; only --epochs, --patience and the runtime flags (device, paths, workers, amp, compile and its "
                "mode, CUDA graphs) may differ. Several GPUs or machines: torchrun --nproc_per_node=N train.py ...; "
@@ -211,7 +216,8 @@ def build_parser():
                    help="DataLoader worker processes (used with --no-data-on-device)")
 
     g = p.add_argument_group("augmentation (random affine warp of each training image, on the device; 0 = off; "
-                             "image task only)")
+                             "image task only; the defaults are MNIST's, --dataset fashion-mnist's are "
+                             "--aug-translate 2 --aug-rotate 0 --aug-scale 0)")
     g.add_argument("--aug-translate", type=float_in(0, 14), default=3.0,
                    help="maximum shift in pixels: digits are centred by their centre of mass, so a few pixels "
                         "cover how far test digits stray (2, with --aug-rotate 10 and --aug-scale 0.1, was the "
@@ -837,6 +843,8 @@ def train(args, given):
     else:
         defaults = {**TASK_DEFAULTS[args.task], **ARCH_DEFAULTS[args.arch],
                     "out": default_out(args.task, args.arch, args.dataset)}
+        if args.task == "image":
+            defaults.update(IMAGE_DATASET_DEFAULTS.get(args.dataset, {}))
         if args.dataset in SEQUENCE_DATASETS:  # MNIST-1D has 4,000 training sequences: a tenth for validation
             defaults.update(val_size=500)
         for key, value in defaults.items():

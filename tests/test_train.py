@@ -220,15 +220,21 @@ def test_the_default_checkpoint_name_says_what_was_trained(task, arch, dataset, 
 
 
 def test_a_run_on_another_dataset_leaves_the_mnist_checkpoint_alone(data_dir, tmp_path, monkeypatch):
-    """Without --out, python train.py --dataset fashion-mnist used to overwrite vision_mamba2_mnist.pth."""
+    """Without --out, python train.py --dataset fashion-mnist used to overwrite vision_mamba2_mnist.pth. And it takes
+    Fashion-MNIST's augmentation defaults, where a flag given on the command line still wins."""
     monkeypatch.chdir(tmp_path)
     common = [*TINY, "--data-dir", data_dir, "--log-dir", tmp_path / "runs", "--epochs", 1, "--max-train-samples", 64]
     assert run_main(common) == 0
     mnist = (tmp_path / "vision_mamba2_mnist.pth").read_bytes()
     assert run_main([*common, "--dataset", "fashion-mnist"]) == 0
-    assert load(tmp_path / "vision_mamba2_fashion_mnist.pth")["args"]["dataset"] == "fashion-mnist"
+    args = load(tmp_path / "vision_mamba2_fashion_mnist.pth")["args"]
+    assert args["dataset"] == "fashion-mnist"
+    assert (args["aug_translate"], args["aug_rotate"], args["aug_scale"]) == (2, 0, 0)  # its own augmentation
     assert load(tmp_path / "vision_mamba2_fashion_mnist_last.pth")["args"]["out"] == "vision_mamba2_fashion_mnist.pth"
     assert (tmp_path / "vision_mamba2_mnist.pth").read_bytes() == mnist
+    assert load(tmp_path / "vision_mamba2_mnist.pth")["args"]["aug_rotate"] == 15
+    assert run_main([*common, "--dataset", "fashion-mnist", "--aug-rotate", 5, "--out", tmp_path / "f.pth"]) == 0
+    assert load(tmp_path / "f.pth")["args"]["aug_rotate"] == 5 and load(tmp_path / "f.pth")["args"]["aug_scale"] == 0
 
 
 def test_checkpoints_from_before_the_local_conv_and_ema_defaults_load_and_resume_as_they_were(data_dir, tmp_path):

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from vision_mamba2 import ModelConfig
+from vision_mamba2 import ModelConfig, classifier_head
 
 
 @dataclass
@@ -94,8 +94,7 @@ class ViT(nn.Module):
                                        dropout=0.0, activation="gelu", batch_first=True, norm_first=True),
             num_layers=c.num_blocks, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(c.d_model)
-        self.head = nn.Sequential(nn.Linear(c.d_model, c.d_model), nn.GELU(), nn.Dropout(c.dropout),
-                                  nn.Linear(c.d_model, c.num_classes))
+        self.head = classifier_head(c)
 
     def forward(self, x):
         # x : (B, in_chans, img_size, img_size)

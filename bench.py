@@ -378,7 +378,7 @@ def bench_eval(args):
     MNIST test scripts (the dataset's per-sample ToTensor + Normalize, then model(image[None])), same model."""
     device = train.resolve_device(args.device)
     if args.checkpoint:
-        ckpt = test_model.load_checkpoint(args.checkpoint)
+        ckpt = train.load_checkpoint(args.checkpoint)
         model = test_model.build_model(ckpt, args.checkpoint, device)
         dataset, norm, what = ckpt["dataset"], ckpt["normalization"], args.checkpoint
     else:

@@ -19,10 +19,8 @@ import dataclasses
 import json
 import math
 import os
-import pickle
 import sys
 import textwrap
-import warnings
 
 import matplotlib
 
@@ -38,10 +36,7 @@ from tqdm import tqdm
 
 import train
 from train import UsageError
-from vision_mamba2 import resolve_backend
-
-CHECKPOINT_KEYS = ("model", "config", "args", "dataset", "normalization")  # what every train.py checkpoint has
-
+from vision_mamba2 import count_params, describe_backend, resolve_backend
 
 def build_parser():
     p = train.Parser(prog="test_model.py", formatter_class=train.HelpFormatter,
@@ -72,39 +67,13 @@ def shorten(e):
 # ----------------------------------------------------------------------------------------------------
 # Checkpoint and model
 
-def load_checkpoint(path):
-    """The checkpoint as a dict; a UsageError saying why if the file is not one train.py wrote."""
-    if not os.path.exists(path):
-        raise UsageError(f"no checkpoint at {path}: train one with `python train.py` (it writes "
-                         f"vision_mamba2_mnist.pth), or pass --checkpoint PATH")
-    try:
-        with warnings.catch_warnings():  # the weights-only unpickler warns about old pickle protocols
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # zip or pickle errors: truncated, corrupt, not a checkpoint, or refused
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        code = next((line for line in lines if "GLOBAL" in line), None)  # a reference to a function or class
-        if isinstance(e, pickle.UnpicklingError) and code:
-            raise UsageError(f"{path} was refused by weights_only loading ({code}): it is not a train.py "
-                             f"checkpoint, and test_model.py never runs code from a checkpoint") from None
-        reason = next((line for line in lines if "nsupported" in line), lines[0] if lines else "")
-        detail = f"{type(e).__name__}: {textwrap.shorten(reason, 150)}" if reason else type(e).__name__
-        raise UsageError(f"{path} is not a readable PyTorch checkpoint, or it is truncated ({detail})") from None
-    if not isinstance(ckpt, dict) or not set(CHECKPOINT_KEYS) <= ckpt.keys() or not isinstance(ckpt["args"], dict):
-        found = f"the keys {sorted(map(str, ckpt))[:8]}" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
-        raise UsageError(f"{path} is not a checkpoint of train.py (from another program?): expected the keys "
-                         f"{list(CHECKPOINT_KEYS)}, found {found}")
-    return ckpt
-
-
 def model_kind(ckpt):
-    return ckpt["args"].get("task", "image"), ckpt["args"].get("arch", "mamba2")
+    return ckpt["args"]["task"], ckpt["args"]["arch"]
 
 
 def build_model(ckpt, path, device):
     """Exactly the trained model, from the checkpoint alone: its task and arch pick the class (train.MODELS), its
-    config the shapes. Checkpoints without a task or arch are Vision Mamba 2 image classifiers; psMNIST's pixel
-    order is in its config and its weights."""
+    config the shapes; psMNIST's pixel order is in its config and its weights."""
     kind = model_kind(ckpt)
     if kind not in train.MODELS:
         known = ", ".join(f"{t}/{a}" for t, a in train.MODELS)
@@ -220,7 +189,7 @@ def tile_titles(idx, preds, confidence, labels, classes):
 # Main
 
 def evaluate(args):
-    ckpt = load_checkpoint(args.checkpoint)
+    ckpt = train.load_checkpoint(args.checkpoint)
     device = train.resolve_device(args.device)
     model = build_model(ckpt, args.checkpoint, device)
     trained_on = ckpt["dataset"]
@@ -235,11 +204,10 @@ def evaluate(args):
     split = train.DeviceSplit(DataLoader(test, batch_size=args.batch_size), device, norm["mean"], norm["std"])
     classes = test.classes
 
-    n_params = sum(p.numel() for p in model.parameters())
     task, arch = model_kind(ckpt)
-    backend = f"backend {resolve_backend(model.config.backend, device)}, " if arch == "mamba2" else ""
-    print(f"checkpoint {args.checkpoint}: task {task}, arch {arch}, epoch {ckpt.get('epoch', '?')}, trained on "
-          f"{trained_on}, {n_params:,} parameters, {backend}device {device}")
+    backend = f"backend {describe_backend(model.config.backend, device)}, " if arch == "mamba2" else ""
+    print(f"checkpoint {args.checkpoint}: task {task}, arch {arch}, epoch {ckpt['epoch']}, trained on "
+          f"{trained_on}, {count_params(model):,} parameters, {backend}device {device}")
     shape = tuple(split.images.shape[1:])  # (C, H, W) of one item
     try:
         model.config.check_input((1, *shape))
@@ -292,7 +260,7 @@ def evaluate(args):
               paths["confident_mistakes.png"])
 
     report = {"checkpoint": {"path": args.checkpoint, "task": task, "arch": arch,
-                             "epoch": ckpt.get("epoch"), "trained_on": trained_on},
+                             "epoch": ckpt["epoch"], "trained_on": trained_on},
               "dataset": dataset, **metrics}
     train.atomic_write(paths["metrics.json"], lambda f: f.write(json.dumps(report, indent=2).encode()))
     print(f"wrote {', '.join(paths.values())}")

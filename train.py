@@ -1,8 +1,8 @@
 """
 Train Vision Mamba 2 on MNIST (or Fashion-MNIST).
 
-    python train.py                                   # the default recipe, aimed at >= 99.6% MNIST test accuracy
-    python train.py --dataset fashion-mnist           # -> vision_mamba2_fashion_mnist.pth (shifts only: README)
+    python train.py                                   # the default recipe: Vision Mamba 2 on MNIST
+    python train.py --dataset fashion-mnist           # -> vision_mamba2_fashion_mnist.pth
     python train.py --resume vision_mamba2_mnist_last.pth   # after Ctrl-C or a crash: carries on exactly
     torchrun --nproc_per_node=4 train.py              # 4 GPUs (DistributedDataParallel; on CPU: 4 processes)
     python train.py --task psmnist                    # sequential MNIST: one pixel per step, in a fixed random order
@@ -31,11 +31,15 @@ import functools
 import itertools
 import math
 import os
+import pickle
 import random
 import signal
 import sys
+import textwrap
 import time
 import traceback
+import types
+import warnings
 
 import matplotlib
 
@@ -55,8 +59,8 @@ from torchvision import datasets, transforms
 from tqdm import tqdm
 
 from baselines import CNN, CNNConfig, ViT, ViTConfig
-from vision_mamba2 import (BACKENDS, READOUTS, SCANS, STEMS, SequentialMamba2, SequentialMamba2Config, VisionMamba2,
-                           VisionMamba2Config, resolve_backend)
+from vision_mamba2 import (BACKENDS, READOUTS, SCANS, SequentialMamba2, SequentialMamba2Config, VisionMamba2,
+                           VisionMamba2Config, count_params, describe_backend)
 
 
 class UsageError(Exception):
@@ -118,24 +122,20 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-# The sequential tasks' own defaults, taken when the flag is not on the command line. Not yet measured on a full
-# run (that needs a GPU). No augmentation: a warp would move pixels to other steps of the sequence. No weight
-# average: measured on the image task only.
+# The sequential tasks' own defaults, taken when the flag is not on the command line. No augmentation: a warp would
+# move pixels to other steps of the sequence. No weight average: measured on the image task only.
 SEQUENCE_DEFAULTS = {"d_model": SequentialMamba2Config.d_model, "num_blocks": SequentialMamba2Config.num_blocks,
                      "d_state": SequentialMamba2Config.d_state, "headdim": SequentialMamba2Config.headdim,
                      "lr": 2e-3, "epochs": 30, "aug_translate": 0.0, "aug_rotate": 0.0, "aug_scale": 0.0, "ema": 0.0}
 TASK_DEFAULTS = {"image": {}, "smnist": SEQUENCE_DEFAULTS, "psmnist": SEQUENCE_DEFAULTS}
 # A dataset's own defaults, below the task's (a sequence task's "no augmentation" wins). Fashion-MNIST's garments
-# are upright and of one size: under MNIST's warp (15 degrees, 15 % zoom) both Vision Mamba 2 and the CNN
-# underfitted, and shifts alone gave each about 1 point more validation accuracy (README, Fashion-MNIST).
+# are upright and of one size: under MNIST's warp both Vision Mamba 2 and the CNN underfitted, and shifts alone
+# did better (docs/results.md).
 # MNIST-1D has 4,000 training sequences: a tenth for validation
 DATASET_DEFAULTS = {"fashion-mnist": {"aug_translate": 2.0, "aug_rotate": 0.0, "aug_scale": 0.0},
                     "mnist1d": {"val_size": 500}}
-# the value a flag had in checkpoints written before it existed, where its default has changed since
-LEGACY_ARGS = {"ema": 0.0, **VisionMamba2Config.LEGACY}
 # flags that mean something only for some tasks: giving one to another task is an error
-TASK_FLAGS = {"scan": ("image",), "patch_size": ("image",), "stem": ("image",), "stem_width": ("image",),
-              "local_conv": ("image",),
+TASK_FLAGS = {"scan": ("image",), "patch_size": ("image",), "local_conv": ("image",),
               "aug_translate": ("image",), "aug_rotate": ("image",), "aug_scale": ("image",),
               "readout": ("smnist", "psmnist"), "permutation_seed": ("psmnist",)}
 
@@ -150,8 +150,7 @@ ARCH_DEFAULTS = {"mamba2": {}, "cnn": {},
                  "vit": {"d_model": ViTConfig.d_model, "num_blocks": ViTConfig.num_blocks}}
 # flags that mean something only for some architectures
 ARCH_FLAGS = {"d_state": ("mamba2",), "headdim": ("mamba2",), "expand": ("mamba2",), "scan": ("mamba2",),
-              "backend": ("mamba2",), "drop_path": ("mamba2",), "stem": ("mamba2",), "stem_width": ("mamba2",),
-              "local_conv": ("mamba2",),
+              "backend": ("mamba2",), "drop_path": ("mamba2",), "local_conv": ("mamba2",),
               "patch_size": ("mamba2", "vit"),
               "d_model": ("mamba2", "vit"),
               "num_blocks": ("mamba2", "vit"), "width": ("cnn",), "heads": ("vit",), "mlp_ratio": ("vit",)}
@@ -172,15 +171,10 @@ def build_parser():
     model_defaults = VisionMamba2Config()  # the architecture's defaults live in vision_mamba2.py
     p = Parser(
         prog="train.py", formatter_class=HelpFormatter,
-        description="Train Vision Mamba 2 on MNIST / Fashion-MNIST. The defaults are the recipe aimed at >= 99.6% "
-                    "MNIST test accuracy (measured on a CPU, README: this command 99.61%, --seed 3 99.61%; with one "
-                    "thread, seeds 0, 1, 2: 99.63, 99.58, 99.52%; a mean of 99.585% over seeds 0 to 3): a "
-                    "~475K-parameter model (4 bidirectional Mamba-2 blocks "
-                    "of width 128 over a 7x7 token grid, each after a 3x3 depthwise conv), 10 epochs of AdamW "
-                    "with linear warmup + cosine decay, label smoothing, a random affine augmentation (MNIST "
-                    "digits are centred, so small shifts/rotations/zooms are what the test set varies by) and a "
-                    "moving average of the weights. --dataset fashion-mnist takes shifts only (README: 91.40%, "
-                    "the CNN 93.68%).",
+        description="Train Vision Mamba 2 on MNIST / Fashion-MNIST (or the CNN / ViT baselines, or sequential MNIST). "
+                    "The defaults are the recipe measured in docs/results.md: a ~475K-parameter model (4 "
+                    "bidirectional Mamba-2 blocks of width 128 over a 7x7 token grid), 10 epochs of AdamW with "
+                    "warmup + cosine decay, label smoothing, random affine augmentation and a weight average.",
         epilog="--resume takes every flag not given from the checkpoint. Hyperparameters given must agree with "
                "it; only --epochs, --patience and the runtime flags (device, paths, workers, amp, compile and its "
                "mode, CUDA graphs) may differ. Several GPUs or machines: torchrun --nproc_per_node=N train.py ...; "
@@ -190,25 +184,21 @@ def build_parser():
     g = p.add_argument_group("data")
     seq = SEQUENCE_DEFAULTS
     g.add_argument("--task", choices=list(TASK_DEFAULTS), default="image",
-                   help="image: the 2-D Vision Mamba 2 classifier; smnist: sequential MNIST, a causal Mamba-2 reads "
-                        "each image one pixel per step (784 steps, row by row); psmnist: the same in a fixed random "
-                        "pixel order. The sequential tasks have their own defaults (not yet measured on a full "
-                        f"run): --d-model {seq['d_model']} --num-blocks {seq['num_blocks']} --d-state "
-                        f"{seq['d_state']} --headdim {seq['headdim']} --lr {seq['lr']:g} --epochs {seq['epochs']}, "
-                        "no augmentation, --ema 0, --out vision_mamba2_<task>.pth (default: image)")
+                   help="image: the 2-D classifier; smnist: sequential MNIST, one pixel per step (784 steps, row by "
+                        "row); psmnist: the same in a fixed random pixel order. Sequential defaults: --d-model "
+                        f"{seq['d_model']} --num-blocks {seq['num_blocks']} --d-state {seq['d_state']} --lr "
+                        f"{seq['lr']:g} --epochs {seq['epochs']}, no augmentation, --ema 0 (default: image)")
     g.add_argument("--permutation-seed", type=int_at_least(0), default=0,
                    help="psmnist: seeds the pixel order, which is stored in the checkpoint")
     g.add_argument("--dataset", choices=list(DATASETS), default="mnist",
-                   help="mnist, fashion-mnist: torchvision's, 10 classes of 28x28 grey images; mnist1d: Greydanus' "
-                        "MNIST-1D, 10 classes of 1-D signals of 40 steps (4,000 train / 1,000 test), generated "
-                        "offline by the mnist1d package, for --task smnist or psmnist, with --val-size 500 and --out "
-                        "vision_mamba2_<task>_mnist1d.pth by default")
+                   help="mnist, fashion-mnist: torchvision's 28x28 grey images; mnist1d: Greydanus' MNIST-1D (40-step "
+                        "signals, generated offline; --task smnist or psmnist only)")
     g.add_argument("--data-dir", default="./data",
                    help="torchvision root: files are read from (or downloaded to) <data-dir>/MNIST/raw/ "
                         "or <data-dir>/FashionMNIST/raw/")
     g.add_argument("--val-size", type=int_at_least(1), default=5000,
-                   help="images held out of the training set for validation (fixed by --seed); model "
-                        "selection and early stopping look only at these")
+                   help="training images held out for validation (drawn by --seed): model selection and early "
+                        "stopping look only at these (mnist1d: 500)")
     g.add_argument("--max-train-samples", type=int_at_least(1), default=None,
                    help="train on only this many images of the training split, for quick runs (default: all)")
     g.add_argument("--data-on-device", action=argparse.BooleanOptionalAction, default=True,
@@ -217,50 +207,27 @@ def build_parser():
     g.add_argument("--num-workers", type=int_at_least(0), default=0,
                    help="DataLoader worker processes (used with --no-data-on-device)")
 
-    g = p.add_argument_group("augmentation (random affine warp of each training image, on the device; 0 = off; "
-                             "image task only; the defaults are MNIST's, --dataset fashion-mnist's are "
-                             "--aug-translate 2 --aug-rotate 0 --aug-scale 0)")
+    g = p.add_argument_group("augmentation (a random affine warp of each training image; 0 = off; image task only)")
     g.add_argument("--aug-translate", type=float_in(0, 14), default=3.0,
-                   help="maximum shift in pixels: digits are centred by their centre of mass, so a few pixels "
-                        "cover how far test digits stray (2, with --aug-rotate 10 and --aug-scale 0.1, was the "
-                        "default before the local conv: README)")
+                   help="maximum shift in pixels (fashion-mnist: 2, with no rotation or zoom)")
     g.add_argument("--aug-rotate", type=float_in(0, 180), default=15.0,
-                   help="maximum rotation in degrees; keep it small, or 6 and 9 become the same digit")
+                   help="maximum rotation in degrees (keep it small, or 6 and 9 become the same digit)")
     g.add_argument("--aug-scale", type=float_in(0, 1, hi_open=True), default=0.15,
-                   help="maximum zoom in or out, as a fraction: handwriting sizes vary by about that")
+                   help="maximum zoom in or out, as a fraction")
 
     g = p.add_argument_group("model (see vision_mamba2.py and baselines.py)")
     g.add_argument("--arch", choices=sorted({arch for _, arch in MODELS}), default="mamba2",
-                   help="mamba2: Vision Mamba 2; cnn and vit: baselines of about the same parameter count "
-                        "(baselines.py), trained by the same recipe so their accuracy compares with it. cnn takes "
-                        f"--width; vit takes --d-model (default {ViTConfig.d_model}), --num-blocks, --heads and "
-                        "--mlp-ratio; --out defaults to cnn_mnist.pth / vit_mnist.pth for them. Image task only "
-                        "(default: mamba2)")
+                   help="mamba2: Vision Mamba 2; cnn, vit: baselines of about the same size (baselines.py), trained "
+                        f"by the same recipe (vit's --d-model defaults to {ViTConfig.d_model}) (default: mamba2)")
     g.add_argument("--patch-size", type=int_at_least(1), default=model_defaults.patch_size,
-                   help="stride of the tokenizing conv (kernel 2p-1), mamba2 and vit: 28x28 pixels -> (28/p)^2 "
-                        "tokens. 4 (default): a 7x7 grid of 49 tokens; 2: 14x14, 196 tokens, 4x the work per image "
-                        "and no more accurate after 10 epochs (under the previous recipe, without the local conv, "
-                        "weight average and harder augmentation: 99.48 %% in one run; 4: 99.54 %% with each of two "
-                        "seeds; README)")
-    g.add_argument("--stem", choices=list(STEMS), default=model_defaults.stem,
-                   help="how the image becomes tokens: patch, one conv of kernel 2p-1 and stride p (6K parameters); "
-                        "conv, early convolutions (Xiao et al. 2021): log2(p) 3x3 stride-2 conv + BatchNorm + GELU "
-                        "stages from d-model/p channels, doubling, then a 1x1 conv to d-model (27K parameters at "
-                        "patch 4: 1 -> 32 -> 64 -> 128 channels), so the tokens carry nonlinear local features. "
-                        "conv tested at 99.38 %% in one full run under the previous recipe (no local conv, milder "
-                        "augmentation, no weight average; seed 0), against 99.54 %% with patch (README)")
-    g.add_argument("--stem-width", type=int_at_least(1), default=model_defaults.stem_width,
-                   help="channels of a full-resolution 3x3 conv + BatchNorm + GELU before the tokenizing conv, for "
-                        "local 2-D features before the 1-D scans (early convolutions, as in hybrid ViTs); default: "
-                        "none, one conv (W=16 with --d-model 112 tested no better under the previous recipe, "
-                        "README). It feeds the tokenizing conv's 2p-1 x 2p-1 kernel: W=8 adds 44K parameters at "
-                        "patch 4")
+                   help="stride of the tokenizing conv (kernel 2p-1), mamba2 and vit: 4 gives a 7x7 grid of 49 "
+                        "tokens, 2 a 14x14 grid (4x the work)")
     g.add_argument("--d-model", type=int_at_least(1), default=model_defaults.d_model,
-                   help="channels of the token grid; 128 is enough capacity for MNIST at ~475K parameters")
+                   help="channels of the token grid (mamba2, vit)")
     g.add_argument("--num-blocks", type=int_at_least(1), default=model_defaults.num_blocks,
-                   help="Mamba-2 blocks; 4 gives every token several passes over the whole image")
+                   help="Mamba-2 (or Transformer) blocks")
     g.add_argument("--d-state", type=int_at_least(1), default=model_defaults.d_state,
-                   help="SSM state size per head: how much each scan remembers of the image read so far")
+                   help="SSM state size per head: how much each scan remembers of what it has read")
     g.add_argument("--headdim", type=int_at_least(1), default=model_defaults.headdim,
                    help="channels per SSM head; d-model*expand must be divisible by it")
     g.add_argument("--expand", type=int_at_least(1), default=model_defaults.expand,
@@ -272,8 +239,7 @@ def build_parser():
                    help="smnist/psmnist: what the classifier head sees, the mean of every step's features or the "
                         "last step's")
     g.add_argument("--width", type=int_at_least(1), default=CNNConfig.width,
-                   help=f"cnn: channels of the first of its three stages (then 2x, 4x); {CNNConfig.width} gives "
-                        "~475K parameters")
+                   help="cnn: channels of the first of its three stages (then 2x, 4x)")
     g.add_argument("--heads", type=int_at_least(1), default=ViTConfig.heads,
                    help="vit: attention heads per block; --d-model must be divisible by it")
     g.add_argument("--mlp-ratio", type=int_at_least(1), default=ViTConfig.mlp_ratio,
@@ -281,20 +247,14 @@ def build_parser():
     g.add_argument("--dropout", type=float_in(0, 1, hi_open=True), default=model_defaults.dropout,
                    help="dropout in the classifier head")
     g.add_argument("--drop-path", type=float_in(0, 1, hi_open=True), default=model_defaults.drop_path,
-                   help="stochastic depth: in training, skip a Mamba-2 block's residual branch for a random fraction "
-                        "of the images, rising linearly over the blocks from 0 to this in the last (as Vim and "
-                        "VMamba; 0 = off; 0.1 tested at 99.47 %% in one full run under the previous recipe, below the "
-                        "99.54 %% without; README)")
+                   help="stochastic depth: in training skip a block's residual branch for a random fraction of the "
+                        "images, rising linearly over the blocks from 0 to this (0 = off)")
     g.add_argument("--local-conv", action=argparse.BooleanOptionalAction, default=model_defaults.local_conv,
-                   help="a residual 3x3 depthwise conv on the token grid at the start of each block, outside the "
-                        "Mamba-2 mixer (as CPVT's position encoding generator): each token mixes with its 8 "
-                        "neighbours, which a row-major scan reaches only through the SSM state. 1,280 parameters a "
-                        "block at width 128. It fits the augmented training images better (99.74 against 99.59 %% "
-                        "under the old milder augmentation, where it tested no better: 99.53 %%), hence the harder "
-                        "augmentation it is measured with (README)"),
+                   help="a residual 3x3 depthwise conv on the token grid at the start of each block, so each token "
+                        "mixes with its 8 neighbours (which a row-major scan reaches only through the SSM state)")
     g.add_argument("--backend", choices=list(BACKENDS), default=model_defaults.backend,
-                   help="Mamba-2 implementation: official (mamba-ssm CUDA kernels), portable (pure PyTorch), "
-                        "auto (official when on CUDA with mamba-ssm installed)")
+                   help="Mamba-2 implementation: official (mamba-ssm's kernels, CUDA), portable (pure PyTorch), "
+                        "auto (official when on CUDA with mamba-ssm installed); same weights either way")
 
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int_at_least(1), default=10,
@@ -315,22 +275,13 @@ def build_parser():
     g.add_argument("--grad-clip", type=float_in(0), default=1.0,
                    help="clip the global gradient norm to this (0 = off)")
     g.add_argument("--ema", type=float_in(0, 1, hi_open=True), default=0.999,
-                   help="decay of an exponential moving average of the weights, updated after every step (0 = off): "
-                        "validation, model selection, the checkpoints' model and the test use the averaged weights, "
-                        "which smooth out the last steps' noise (as timm's ModelEma); 0.999 averages over about the "
-                        "last 1,000 steps (2.3 epochs at batch 128). The decay is capped at 1 - 4/(the run's steps), "
-                        "so that a short run averages its last quarter, not its random start (the default run's "
-                        "4,300 steps keep 0.999). The raw weights' validation accuracy is printed and logged beside "
-                        "it. With the other defaults it tested at 99.63, 99.58 and 99.52 %% (seeds 0, 1, 2) against "
-                        "99.58, 99.55 and 99.56 %% without: within the seeds' noise, the best mean measured (README)")
+                   help="decay of a moving average of the weights, updated every step, which validation, the "
+                        "checkpoints and the test use (0 = off); capped at 1 - 4/(the run's steps) for short runs")
     g.add_argument("--patience", type=int_at_least(0), default=None,
-                   help="stop early after this many epochs without a better validation accuracy (0 = never); "
-                        "default: half of --epochs, at least 5. The cosine schedule's best epochs come late, so a "
-                        "patience that doesn't grow with the run stops it while the learning rate is still high "
-                        "(measured: the CNN's 20-epoch run stopped at epoch 12 with patience 5, README)")
+                   help="stop early after this many epochs without a better validation accuracy (0 = never) "
+                        "(default: half of --epochs, at least 5)")
     g.add_argument("--seed", type=int_at_least(0), default=0,
-                   help="seeds initialisation, the validation split, shuffling, augmentation and dropout: the same "
-                        "seed on the same CPU gives the same losses, step for step")
+                   help="seeds initialisation, the validation split, shuffling, augmentation and dropout")
 
     g = p.add_argument_group("runtime and output")
     g.add_argument("--device", type=device_name, default="auto",
@@ -340,22 +291,15 @@ def build_parser():
                    help="mixed precision (bf16 autocast; fp16 with loss scaling on GPUs without bf16) "
                         "(default: on for CUDA, off elsewhere)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the model: a minute or more of compiling, then faster steps (on an H100 the "
-                        "compiled portable backend trained the 14x14 model 2.3x faster than the official kernels, "
-                        "README)")
+                   help="torch.compile the model: a minute or more of compiling, then faster steps")
     g.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
-                   help="torch.compile's mode, with --compile: reduce-overhead also replays CUDA graphs on a GPU, "
-                        "which saves the launch of each small kernel (not yet measured here)")
+                   help="torch.compile's mode, with --compile (reduce-overhead also replays CUDA graphs)")
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
-                   help="CUDA only: capture the model's training forward and backward pass once as CUDA graphs and "
-                        "replay them every step (torch.cuda.make_graphed_callables): two launches instead of "
-                        "hundreds of small kernels, which appear to bound the 14x14 model's steps on an H100 (README), "
-                        "and no compiling. Not with --compile or torchrun. New: not yet run on a GPU")
+                   help="CUDA only: capture the training forward and backward once as CUDA graphs and replay them "
+                        "each step (two launches instead of hundreds of small kernels); not with --compile or torchrun")
     g.add_argument("--out", default=None,
-                   help="best-on-validation checkpoint; the last checkpoint (*_last.pth) and training_history.png "
-                        "go next to it (default: named after the model, task and dataset, so that runs of others "
-                        "don't overwrite it: vision_mamba2_mnist.pth, cnn_mnist.pth, vision_mamba2_fashion_mnist.pth, "
-                        "vision_mamba2_smnist.pth, ...)")
+                   help="best-on-validation checkpoint; *_last.pth and training_history.png go next to it "
+                        "(default: named after model, task and dataset, e.g. vision_mamba2_mnist.pth, cnn_mnist.pth)")
     g.add_argument("--log-dir", default="runs", help="TensorBoard logs go to <log-dir>/<run-name>/")
     g.add_argument("--run-name", default=None,
                    help="TensorBoard run name (default: <dataset>-<date>-<time>, or the resumed run's)")
@@ -622,14 +566,37 @@ def save_checkpoint(checkpoint, path):
     atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
-def load_checkpoint(path):
+# every checkpoint has these; "format" changes whenever what a checkpoint holds changes meaning
+CHECKPOINT_KEYS = ("format", "model", "config", "args", "dataset", "normalization")
+CHECKPOINT_FORMAT = 1
+
+
+def load_checkpoint(path, flag="--checkpoint"):
+    """A checkpoint of train.py as a dict (read with weights_only=True: tensors and plain values, never code to run);
+    a UsageError saying why if the file is not one, or of another format."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{flag} {path}: no such file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UsageError(f"--resume {path}: no such file") from None
-    except Exception as e:
-        raise UsageError(f"--resume {path}: not a readable checkpoint ({type(e).__name__}: "
-                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+        with warnings.catch_warnings():  # the weights-only unpickler warns about old pickle protocols
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # zip or pickle errors: truncated, corrupt, not a checkpoint, or refused
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        code = next((line for line in lines if "GLOBAL" in line), None)  # a reference to a function or class
+        if isinstance(e, pickle.UnpicklingError) and code:
+            raise UsageError(f"{path} was refused by weights_only loading ({code}): it is not a train.py "
+                             f"checkpoint, and this code never runs code from a checkpoint") from None
+        reason = next((line for line in lines if "nsupported" in line), lines[0] if lines else "")
+        detail = f"{type(e).__name__}: {textwrap.shorten(reason, 150)}" if reason else type(e).__name__
+        raise UsageError(f"{path} is not a readable PyTorch checkpoint, or it is truncated ({detail})") from None
+    if not isinstance(ckpt, dict) or not set(CHECKPOINT_KEYS) - {"format"} <= ckpt.keys():
+        found = f"the keys {sorted(map(str, ckpt))[:8]}" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
+        raise UsageError(f"{path} is not a checkpoint of train.py (from another program?): expected the keys "
+                         f"{list(CHECKPOINT_KEYS)}, found {found}")
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UsageError(f"{path} is a checkpoint of format {ckpt.get('format', 'none')}, written by another version "
+                         f"of this code; this one reads format {CHECKPOINT_FORMAT}: train it again")
+    return ckpt
 
 
 def get_rng_state():
@@ -796,16 +763,16 @@ def train_one_epoch(model, split, *, optimizer, scheduler, scaler, criterion, au
 
 
 @torch.no_grad()
-def evaluate(model, split, criterion, autocast, desc):
-    """(mean loss, accuracy) over a whole split; under torchrun each rank evaluates its slice of it."""
+def evaluate(model, split, criterion, desc):
+    """(mean loss, accuracy) over a whole split, in fp32 (as test_model.py, so both give the same accuracy for the
+    same weights); under torchrun each rank evaluates its slice of it."""
     model.eval()
     loss_sum = torch.zeros((), device=next(model.parameters()).device)
     correct = torch.zeros((), dtype=torch.long, device=loss_sum.device)
     for x, y in tqdm(split.batches(), total=split.num_batches, desc=desc, unit="batch", leave=False,
                      dynamic_ncols=True, disable=rank_and_world_size()[0] > 0):
-        with autocast():
-            logits = model(x)
-        loss_sum += criterion(logits.float(), y) * len(y)
+        logits = model(x)
+        loss_sum += criterion(logits, y) * len(y)
         correct += (logits.argmax(dim=1) == y).sum()
     loss_total, correct_total, n = sum_over_ranks([loss_sum.item(), correct.item(), split.num_samples],
                                                   loss_sum.device)
@@ -833,15 +800,21 @@ def plot_history(history, path, *, augmented):
     plt.close(fig)
 
 
-def train(args, given):
-    """The whole run; returns the exit status (0, or 130 after Ctrl-C). `given`: the flags on the command line."""
-    resume = load_checkpoint(args.resume) if args.resume else None
+def print0(*values, **kwargs):
+    """print, from rank 0 only (under torchrun every process runs this script)."""
+    if rank_and_world_size()[0] == 0:
+        print(*values, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run, step by step: arguments, processes, data, model, optimisation state, the epoch loop, the final test
+
+def settle_args(args, given):
+    """Fill in the flags not on the command line (a resumed run's from its checkpoint, a new run's from its task's,
+    architecture's and dataset's defaults) and refuse what means nothing. Returns the resumed checkpoint, or None."""
+    resume = load_checkpoint(args.resume, "--resume") if args.resume else None
     if resume:
-        # a checkpoint written before a flag existed (--task, --arch, --patch-size, ...) ran with its model config's
-        # value (patch 2 before patch 4 became the default), or with what the flag now calls its default
-        before = {**vars(build_parser().parse_args([])), **LEGACY_ARGS}
-        before.update((key, value) for key, value in resume["config"].items() if key in before)
-        merge_resume_args(args, {**before, **resume["args"]}, given)
+        merge_resume_args(args, resume["args"], given)
     else:
         defaults = {**DATASET_DEFAULTS.get(args.dataset, {}), **TASK_DEFAULTS[args.task], **ARCH_DEFAULTS[args.arch],
                     "out": default_out(args.task, args.arch, args.dataset)}
@@ -853,14 +826,11 @@ def train(args, given):
                          f"(read in order) or psmnist (in a fixed random order)")
     if (args.task, args.arch) not in MODELS:
         raise UsageError(f"--arch {args.arch} is an image classifier: --task {args.task} takes only --arch mamba2")
-    for key in sorted(given & TASK_FLAGS.keys()):
-        if args.task not in TASK_FLAGS[key]:
-            raise UsageError(f"--{key.replace('_', '-')} applies only to --task {' or '.join(TASK_FLAGS[key])}, "
-                             f"not to {args.task}")
-    for key in sorted(given & ARCH_FLAGS.keys()):
-        if args.arch not in ARCH_FLAGS[key]:
-            raise UsageError(f"--{key.replace('_', '-')} applies only to --arch {' or '.join(ARCH_FLAGS[key])}, "
-                             f"not to {args.arch}")
+    for flags, value, what in ((TASK_FLAGS, args.task, "task"), (ARCH_FLAGS, args.arch, "arch")):
+        for key in sorted(given & flags.keys()):
+            if value not in flags[key]:
+                raise UsageError(f"--{key.replace('_', '-')} applies only to --{what} {' or '.join(flags[key])}, "
+                                 f"not to {value}")
     if "compile_mode" in given and not args.compile:
         raise UsageError("--compile-mode applies only with --compile")
     if args.cuda_graphs and args.compile:
@@ -869,10 +839,15 @@ def train(args, given):
     task = "" if args.task == "image" else f"{args.task}-"
     arch = "" if args.arch == "mamba2" else f"{args.arch}-"
     args.run_name = args.run_name or f"{arch}{task}{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return resume
+
+
+def start_processes(args):
+    """The device, and under torchrun (one process per GPU) this process's place among the others; seeds each."""
     device = resolve_device(args.device)
-    ddp = int(os.environ.get("RANK", -1)) != -1  # started by torchrun: one process per GPU
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if ddp:
-        local_rank = int(os.environ["LOCAL_RANK"])
         if device.type == "cuda":
             if local_rank >= torch.cuda.device_count():
                 raise UsageError(f"torchrun started more processes on this machine than it has GPUs: use "
@@ -887,241 +862,310 @@ def train(args, given):
     if args.cuda_graphs and (device.type != "cuda" or ddp):
         raise UsageError("--cuda-graphs runs only on a CUDA GPU, in one process (not under torchrun)"
                          if device.type == "cuda" else f"--cuda-graphs runs only on a CUDA GPU, not on {device}")
+    if args.arch == "mamba2" and args.backend == "official":
+        try:
+            describe_backend(args.backend, device)
+        except RuntimeError as e:
+            raise UsageError(f"--backend official: {e}") from None
     rank, world_size = rank_and_world_size()
-    master = rank == 0
-
-    def print0(*values, **kwargs):  # only rank 0 talks
-        if master:
-            print(*values, **kwargs)
-
-    # every rank's random state (and, if saved mid-epoch, where it stood) is in the checkpoint: rank 0's at the top
-    saved_ranks = [resume, *resume.get("other_ranks", [])] if resume else []
-    if resume and resume["epoch_state"] and len(saved_ranks) != world_size:
-        how = (f"under torchrun with {len(saved_ranks)} processes in all" if len(saved_ranks) > 1
-               else "without torchrun")
-        raise UsageError(f"{args.resume} was saved in the middle of an epoch by {len(saved_ranks)} process(es), so "
-                         f"it resumes only {how} (this run has {world_size}); a checkpoint saved at the end of an "
-                         f"epoch resumes under any number")
-    use_amp = device.type == "cuda" if args.amp is None else args.amp
-    try:
-        backend = resolve_backend(args.backend, device) if args.arch == "mamba2" else None
-    except (ValueError, RuntimeError) as e:
-        raise UsageError(f"--backend {args.backend}: {e}") from None
-    root, ext = os.path.splitext(args.out)
-    last_path = f"{root}_last{ext or '.pth'}"
-    plot_path = os.path.join(os.path.dirname(args.out), "training_history.png")
-
     torch.manual_seed(args.seed + rank)  # each rank its own dropout (DDP starts them all from rank 0's weights)
     np.random.seed(args.seed + rank)
     random.seed(args.seed + rank)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # for --no-amp on Ampere+; CPU math stays exact fp32
+    return types.SimpleNamespace(device=device, ddp=ddp, local_rank=local_rank, rank=rank, world_size=world_size,
+                                 master=rank == 0)
 
-    # data; under torchrun the first process of each machine downloads it while the others wait
+
+def load_data(args, env):
+    """The three splits (on the device, or streamed from get_mnist_dataloaders' loaders) and what they hold."""
     _, mean, std = DATASETS[args.dataset]
-    if ddp and local_rank > 0:
+    if env.ddp and env.local_rank > 0:  # the first process of each machine downloads while the others wait
         dist.barrier()
     loaders = get_mnist_dataloaders(dataset=args.dataset, data_dir=args.data_dir, batch_size=args.batch_size,
                                     val_size=args.val_size, max_train_samples=args.max_train_samples,
-                                    seed=args.seed, num_workers=args.num_workers, rank=rank, world_size=world_size)
-    if ddp and local_rank == 0:
+                                    seed=args.seed, num_workers=args.num_workers, rank=env.rank,
+                                    world_size=env.world_size)
+    if env.ddp and env.local_rank == 0:
         dist.barrier()
     if args.data_on_device:
         try:
-            train_split, val_split, test_split = (DeviceSplit(dl, device, mean, std) for dl in loaders)
+            splits = [DeviceSplit(dl, env.device, mean, std) for dl in loaders]
         except torch.OutOfMemoryError:
-            raise TrainingError(f"the dataset does not fit on {device}: use --no-data-on-device") from None
+            raise TrainingError(f"the dataset does not fit on {env.device}: use --no-data-on-device") from None
     else:
-        train_split, val_split, test_split = (LoaderSplit(dl, device) for dl in loaders)
-    image_shape = tuple(loaders[0].dataset[0][0].shape)  # (C, H, W)
+        splits = [LoaderSplit(dl, env.device) for dl in loaders]
+    return types.SimpleNamespace(train=splits[0], val=splits[1], test=splits[2],
+                                 sizes=[len(dl.dataset) for dl in loaders], classes=loaders[2].dataset.classes,
+                                 shape=tuple(loaders[0].dataset[0][0].shape), mean=mean, std=std)  # shape: (C, H, W)
 
-    # model: the flags its config has, plus what the data dictates
+
+def build_model(args, data, device):
+    """The model the flags describe, its config completed by what the data dictates."""
     config_cls, model_cls = MODELS[args.task, args.arch]
-    data = dict(in_chans=image_shape[0], num_classes=len(loaders[2].dataset.classes), img_size=image_shape[-1],
-                seq_len=image_shape[1] * image_shape[2],
-                permutation_seed=args.permutation_seed if args.task == "psmnist" else None)
+    c, h, w = data.shape
+    from_data = dict(in_chans=c, num_classes=len(data.classes), img_size=w, seq_len=h * w,
+                     permutation_seed=args.permutation_seed if args.task == "psmnist" else None)
     fields = {f.name for f in dataclasses.fields(config_cls)}
     try:
-        raw_model = model_cls(config_cls(**{k: v for k, v in {**vars(args), **data}.items() if k in fields}))
-        raw_model = raw_model.to(device)
+        return model_cls(config_cls(**{k: v for k, v in {**vars(args), **from_data}.items() if k in fields})).to(device)
     except (ValueError, RuntimeError) as e:
         raise UsageError(f"invalid model configuration: {e}") from None
-    model = compile_model(raw_model, args.compile_mode) if args.compile else raw_model
-    # training steps go through DDP, which averages the gradients over the ranks; evaluation shards the data
-    # and calls the model itself
-    train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
 
-    # optimization: AdamW, per-step warmup + cosine; loss scaling only for fp16 (bf16 needs none)
-    optimizer = build_optimizer(raw_model, args, device)
-    steps_per_epoch = train_split.num_batches
-    total_steps = args.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(min(round(args.warmup_epochs * steps_per_epoch), total_steps), total_steps))
-    # --ema: training steps move raw_model; validation, selection, the checkpoints' "model" and the test see the
-    # average, whose window (~1/(1-decay) steps) spans at most a quarter of the run, so that a short run averages
-    # its last steps, not its random start; a resumed run keeps its decay (even with another --epochs)
-    decay = resume["ema_decay"] if resume and "ema_decay" in resume else min(args.ema, max(0.0, 1 - 4 / total_steps))
-    ema = WeightAverage(raw_model, decay) if args.ema else None
-    eval_model = model if not ema else compile_model(ema.module, args.compile_mode) if args.compile else ema.module
-    saved_model = ema.module if ema else raw_model
-    amp_dtype = torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
-    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
 
-    def autocast():
-        # make_graphed_callables requires autocast's weight cache off (it only saves recasting a weight used twice)
-        return torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp, cache_enabled=not args.cuda_graphs)
+class Run:
+    """What a training run carries from step to step and saves in its checkpoints: the model (raw_model; with --ema
+    also the average of its weights, which validation, the checkpoints' "model" and the test use), AdamW, the
+    warmup + cosine schedule, the loss scaler, the history and the best epoch so far."""
 
-    history = {k: [] for k in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_sec",
-                               *(["val_acc_raw"] if ema else []))}
-    start_epoch, best_val_acc, best_epoch, metrics, epoch_state = 0, -1.0, 0, {}, None
-    if resume:
-        raw_model.load_state_dict(resume.get("raw_model") or resume["model"])
-        if ema:
-            ema.module.load_state_dict(resume["model"])
-            ema.updates = resume["ema_updates"]
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        if resume["scaler"]:
-            scaler.load_state_dict(resume["scaler"])
-        history, metrics = resume["history"], resume["metrics"]
-        start_epoch, best_val_acc, best_epoch = resume["epoch"], resume["best_val_acc"], resume["best_epoch"]
-        if rank < len(saved_ranks):  # (a rank the checkpoint has no state for keeps its fresh one)
-            set_rng_state(saved_ranks[rank]["rng"])
-            epoch_state = saved_ranks[rank]["epoch_state"]
-        if len(saved_ranks) != world_size:
-            # another number of processes takes another number of steps per epoch: same point of the schedule
-            scheduler.last_epoch = start_epoch * steps_per_epoch
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * scheduler.lr_lambdas[0](scheduler.last_epoch)
+    def __init__(self, args, env, data, raw_model, resume):
+        self.args, self.env, self.data, self.raw_model = args, env, data, raw_model
+        self.model = compile_model(raw_model, args.compile_mode) if args.compile else raw_model
+        # training steps go through DDP, which averages the gradients over the ranks; evaluation calls the model
+        self.train_model = DDP(self.model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
+            if env.ddp else self.model
+        self.optimizer = build_optimizer(raw_model, args, env.device)
+        self.steps_per_epoch = data.train.num_batches
+        total_steps = args.epochs * self.steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(
+            min(round(args.warmup_epochs * self.steps_per_epoch), total_steps), total_steps))
+        # the average's window (~1/(1-decay) steps) spans at most a quarter of the run, so that a short run averages
+        # its last steps, not its random start; a resumed run keeps its decay (even with another --epochs)
+        decay = resume["ema_decay"] if resume else min(args.ema, max(0.0, 1 - 4 / total_steps))
+        self.ema = WeightAverage(raw_model, decay) if args.ema else None
+        average = self.ema.module if self.ema else None
+        self.eval_model = (compile_model(average, args.compile_mode) if args.compile else average) if average \
+            else self.model
+        self.saved_model = average or raw_model
+        cuda = env.device.type == "cuda"
+        self.use_amp = cuda if args.amp is None else args.amp
+        self.amp_dtype = torch.float16 if cuda and not torch.cuda.is_bf16_supported() else torch.bfloat16
+        # loss scaling only for fp16 (bf16 needs none)
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.use_amp and self.amp_dtype == torch.float16)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+        self.history = {k: [] for k in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_sec",
+                                        *(["val_acc_raw"] if self.ema else []))}
+        self.start_epoch, self.best_val_acc, self.best_epoch, self.metrics, self.epoch_state = 0, -1.0, 0, {}, None
+        if resume:
+            self.restore(resume)
+        if args.cuda_graphs:  # captured now, with the weights it starts from (graphing changes none of them)
+            self.capture_graphs()
 
-    def checkpoint(epoch, state=None):
-        # called by every rank: each one's random state (and, mid-epoch, where it stands) goes in for an exact
-        # resume; rank 0 writes the checkpoint
-        ranks = gather_from_ranks({"rng": get_rng_state(), "epoch_state": state})
-        return {"model": saved_model.state_dict(), "raw_model": raw_model.state_dict() if ema else None,
-                "ema_updates": ema.updates if ema else 0, "ema_decay": ema.decay if ema else None,
-                "config": dataclasses.asdict(raw_model.config), "args": dict(vars(args)), "dataset": args.dataset,
-                "normalization": {"mean": mean, "std": std},
-                "epoch": epoch, "metrics": dict(metrics), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": ranks[0]["rng"],
-                "best_val_acc": best_val_acc, "best_epoch": best_epoch, "history": history, "epoch_state": state,
-                "other_ranks": ranks[1:]}
+    def autocast(self):
+        """Mixed precision for the training steps (evaluation runs in fp32, as test_model.py does). CUDA graphs need
+        autocast's weight cache off (it only saves recasting a weight used twice)."""
+        return torch.autocast(self.env.device.type, dtype=self.amp_dtype, enabled=self.use_amp,
+                              cache_enabled=not self.args.cuda_graphs)
 
-    if args.cuda_graphs:  # captured now, with the weights it starts from (graphing changes none of them)
+    def capture_graphs(self):
         try:
-            with autocast():
-                train_model = GraphedTraining(raw_model, torch.zeros(args.batch_size, *image_shape, device=device))
+            with self.autocast():
+                sample = torch.zeros(self.args.batch_size, *self.data.shape, device=self.env.device)
+                self.train_model = GraphedTraining(self.raw_model, sample)
         except Exception as e:
             what = "ran out of GPU memory (lower --batch-size)" if isinstance(e, torch.OutOfMemoryError) else \
                 f"failed ({type(e).__name__}: {e})"
             raise TrainingError(f"capturing the CUDA graphs {what}: train without --cuda-graphs") from None
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    print0(f"{args.dataset}: {len(loaders[0].dataset):,} train / {len(loaders[1].dataset):,} validation / "
-           f"{len(loaders[2].dataset):,} test images, "
-           f"{'on ' + str(device) if args.data_on_device else 'DataLoaders'}")
+
+    def checkpoint(self, epoch, state=None):
+        """Called by every rank: each one's random state (and, mid-epoch, where it stands) goes in for an exact
+        resume; rank 0 writes the checkpoint."""
+        ranks = gather_from_ranks({"rng": get_rng_state(), "epoch_state": state})
+        return {"format": CHECKPOINT_FORMAT, "model": self.saved_model.state_dict(),
+                "raw_model": self.raw_model.state_dict() if self.ema else None,
+                "ema_updates": self.ema.updates if self.ema else 0, "ema_decay": self.ema.decay if self.ema else None,
+                "config": dataclasses.asdict(self.raw_model.config), "args": dict(vars(self.args)),
+                "dataset": self.args.dataset, "normalization": {"mean": self.data.mean, "std": self.data.std},
+                "epoch": epoch, "metrics": dict(self.metrics), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": ranks[0]["rng"],
+                "best_val_acc": self.best_val_acc, "best_epoch": self.best_epoch, "history": self.history,
+                "epoch_state": state, "other_ranks": ranks[1:]}
+
+    def restore(self, resume):
+        """Carry on from a checkpoint of checkpoint(): every rank's random state, and where an epoch stood."""
+        saved_ranks = [resume, *resume["other_ranks"]]  # rank 0's state at the top
+        world_size = self.env.world_size
+        if resume["epoch_state"] and len(saved_ranks) != world_size:
+            how = (f"under torchrun with {len(saved_ranks)} processes in all" if len(saved_ranks) > 1
+                   else "without torchrun")
+            raise UsageError(f"{self.args.resume} was saved in the middle of an epoch by {len(saved_ranks)} "
+                             f"process(es), so it resumes only {how} (this run has {world_size}); a checkpoint saved "
+                             f"at the end of an epoch resumes under any number")
+        self.raw_model.load_state_dict(resume["raw_model"] or resume["model"])
+        if self.ema:
+            self.ema.module.load_state_dict(resume["model"])
+            self.ema.updates = resume["ema_updates"]
+        self.optimizer.load_state_dict(resume["optimizer"])
+        self.scheduler.load_state_dict(resume["scheduler"])
+        self.scaler.load_state_dict(resume["scaler"])
+        self.history, self.metrics = resume["history"], resume["metrics"]
+        self.start_epoch, self.best_val_acc, self.best_epoch = resume["epoch"], resume["best_val_acc"], \
+            resume["best_epoch"]
+        rank = self.env.rank
+        if rank < len(saved_ranks):  # (a rank the checkpoint has no state for keeps its fresh one)
+            set_rng_state(saved_ranks[rank]["rng"])
+            self.epoch_state = saved_ranks[rank]["epoch_state"]
+        if len(saved_ranks) != world_size:
+            # another number of processes takes another number of steps per epoch: same point of the schedule
+            self.scheduler.last_epoch = self.start_epoch * self.steps_per_epoch
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+
+    def validate(self, epoch, train_metrics):
+        """Score the epoch on the validation split; record it in the history. Returns whether it is the best yet."""
+        val_loss, val_acc = evaluate(self.eval_model, self.data.val, self.criterion, "validation")
+        if not math.isfinite(val_loss):
+            raise TrainingError(f"the validation loss became {val_loss} in epoch {epoch}: stopping; the checkpoints "
+                                f"from before are kept (try a lower --lr)")
+        self.metrics = {**train_metrics, "val_loss": val_loss, "val_acc": val_acc,
+                        "lr": self.optimizer.param_groups[0]["lr"]}
+        if self.ema:
+            self.metrics["val_acc_raw"] = evaluate(self.model, self.data.val, self.criterion,
+                                                   "validation (raw weights)")[1]
+        for key in self.history:
+            self.history[key].append(self.metrics[key])
+        improved = val_acc > self.best_val_acc
+        if improved:
+            self.best_val_acc, self.best_epoch = val_acc, epoch
+        return improved
+
+
+def describe_run(args, env, data, run, resume):
+    """What is about to train, on what, how."""
+    n_train, n_val, n_test = data.sizes
+    print0(f"{args.dataset}: {n_train:,} train / {n_val:,} validation / {n_test:,} test images, "
+           f"{'on ' + str(env.device) if args.data_on_device else 'DataLoaders'}")
     if args.task != "image":
         order = ("row-major order" if args.task == "smnist" else
                  f"the order of --permutation-seed {args.permutation_seed}")
-        print0(f"task {args.task}: {raw_model.config.seq_len} pixels per image, one per step, in {order}")
-    compiled_note = ", CUDA graphs" if args.cuda_graphs else "" if not args.compile else \
+        print0(f"task {args.task}: {run.raw_model.config.seq_len} pixels per image, one per step, in {order}")
+    compiled = ", CUDA graphs" if args.cuda_graphs else "" if not args.compile else \
         ", compiled" if args.compile_mode == "default" else f", compiled ({args.compile_mode})"
-    print0(f"model: {args.arch}, {n_params:,} parameters{f', backend {backend}' if backend else ''}, device {device}, "
-           f"amp {str(amp_dtype).removeprefix('torch.') if use_amp else 'off'}{compiled_note}"
-           f"{f', weight average (decay {ema.decay:.4g})' if ema else ''}")
-    if ddp:
-        print0(f"torchrun: {world_size} processes ({dist.get_backend()}), each {train_split.num_samples:,} training "
-               f"images per epoch in steps of {args.batch_size}: effective batch size {world_size * args.batch_size}, "
-               f"{steps_per_epoch} steps per epoch, peak lr {args.lr:g}")
+    amp = str(run.amp_dtype).removeprefix("torch.") if run.use_amp else "off"
+    average = f", weight average (decay {run.ema.decay:.4g})" if run.ema else ""
+    print0(f"model: {args.arch}, {count_params(run.raw_model):,} parameters, device {env.device}, amp {amp}"
+           f"{compiled}{average}")
+    if args.arch == "mamba2":
+        print0(f"backend: {describe_backend(args.backend, env.device)}")
+    if env.ddp:
+        print0(f"torchrun: {env.world_size} processes ({dist.get_backend()}), each {data.train.num_samples:,} "
+               f"training images per epoch in steps of {args.batch_size}: effective batch size "
+               f"{env.world_size * args.batch_size}, {run.steps_per_epoch} steps per epoch, peak lr {args.lr:g}")
     if resume:
-        at = f"epoch {start_epoch}" + (f", step {epoch_state['step']} of the next" if epoch_state else "")
-        print0(f"resuming {args.resume} after {at} (best validation accuracy so far {best_val_acc:.2%})")
-    writer = SummaryWriter(os.path.join(args.log_dir, args.run_name),
-                           purge_step=start_epoch + 1 if resume else None) if master else None
+        state = run.epoch_state
+        at = f"epoch {run.start_epoch}" + (f", step {state['step']} of the next" if state else "")
+        print0(f"resuming {args.resume} after {at} (best validation accuracy so far {run.best_val_acc:.2%})")
     print0(f"TensorBoard: tensorboard --logdir {args.log_dir}   (run {args.run_name})")
-    resume_hint = f"continue with: {'torchrun <as before>' if ddp else 'python'} train.py --resume {last_path}"
+
+
+def output_paths(args):
+    """(best checkpoint, last checkpoint, training_history.png)."""
+    root, ext = os.path.splitext(args.out)
+    return args.out, f"{root}_last{ext or '.pth'}", os.path.join(os.path.dirname(args.out), "training_history.png")
+
+
+def log_scalars(run, epoch, writer):
+    """Rank 0: the epoch's numbers in TensorBoard; "loss/..." and "accuracy/..." put train and validation side by
+    side."""
+    m = run.metrics
+    scalars = {"loss/train": m["train_loss"], "loss/val": m["val_loss"], "accuracy/train": m["train_acc"],
+               "accuracy/val": m["val_acc"], "lr": m["lr"], "images_per_sec": m["images_per_sec"]}
+    if run.ema:
+        scalars["accuracy/val_raw_weights"] = m["val_acc_raw"]
+    for name, value in scalars.items():
+        writer.add_scalar(name, value, epoch)
+    writer.flush()
+
+
+def fit(run, writer):
+    """The epoch loop: train, validate, checkpoint; early stop. Returns 130 after Ctrl-C (saved to resume), else 0."""
+    args, env = run.args, run.env
+    _, last_path, plot_path = output_paths(args)
+    resume_hint = f"continue with: {'torchrun <as before>' if env.ddp else 'python'} train.py --resume {last_path}"
     patience = max(5, args.epochs // 2) if args.patience is None else args.patience  # after a resume: its --epochs
-
-    with writer or contextlib.nullcontext():
-        try:
-            with GracefulInterrupt() as stop:
-                for epoch in range(start_epoch + 1, args.epochs + 1):
-                    if patience and epoch - 1 - best_epoch >= patience:
-                        print0(f"early stop: no better validation accuracy for {patience} epochs")
-                        break
-                    train_metrics, epoch_state = train_one_epoch(
-                        train_model, train_split, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                        criterion=criterion, autocast=autocast, args=args, epoch=epoch, stop=stop,
-                        update_ema=ema.update if ema else None, resume=epoch_state)
-                    if epoch_state:
-                        ckpt = checkpoint(epoch - 1, epoch_state)
-                        if master:
-                            save_checkpoint(ckpt, last_path)
-                        print0(f"interrupted in epoch {epoch} at step {epoch_state['step']}/{steps_per_epoch}: "
-                               f"saved {last_path}; {resume_hint}", file=sys.stderr)
-                        return 130
-                    if ddp:  # DDP syncs buffers at each training forward only: evaluate with rank 0's BatchNorm
-                        for buffer in itertools.chain(raw_model.buffers(), ema.module.buffers() if ema else []):
-                            dist.broadcast(buffer, 0)  # statistics (--arch cnn), the ones its checkpoint holds
-                    val_loss, val_acc = evaluate(eval_model, val_split, criterion, autocast, "validation")
-                    if not math.isfinite(val_loss):
-                        raise TrainingError(f"the validation loss became {val_loss} in epoch {epoch}: stopping; "
-                                            f"the checkpoints from before are kept (try a lower --lr)")
-                    metrics = {**train_metrics, "val_loss": val_loss, "val_acc": val_acc,
-                               "lr": optimizer.param_groups[0]["lr"]}
-                    if ema:
-                        metrics["val_acc_raw"] = evaluate(model, val_split, criterion, autocast,
-                                                          "validation (raw weights)")[1]
-                    for key in history:
-                        history[key].append(metrics[key])
-                    improved = val_acc > best_val_acc
-                    if improved:
-                        best_val_acc, best_epoch = val_acc, epoch
-                    ckpt = checkpoint(epoch)
-                    if master:
-                        # "loss/..." and "accuracy/..." put train and validation side by side in TensorBoard
-                        scalars = {"loss/train": metrics["train_loss"], "loss/val": val_loss,
-                                   "accuracy/train": metrics["train_acc"], "accuracy/val": val_acc, "lr": metrics["lr"],
-                                   "images_per_sec": metrics["images_per_sec"]}
-                        if ema:
-                            scalars["accuracy/val_raw_weights"] = metrics["val_acc_raw"]
-                        for name, value in scalars.items():
-                            writer.add_scalar(name, value, epoch)
-                        writer.flush()
-                        if improved:
-                            save_checkpoint(ckpt, args.out)
+    try:
+        with GracefulInterrupt() as stop:
+            for epoch in range(run.start_epoch + 1, args.epochs + 1):
+                if patience and epoch - 1 - run.best_epoch >= patience:
+                    print0(f"early stop: no better validation accuracy for {patience} epochs")
+                    break
+                train_metrics, run.epoch_state = train_one_epoch(
+                    run.train_model, run.data.train, optimizer=run.optimizer, scheduler=run.scheduler,
+                    scaler=run.scaler, criterion=run.criterion, autocast=run.autocast, args=args, epoch=epoch,
+                    stop=stop, update_ema=run.ema.update if run.ema else None, resume=run.epoch_state)
+                if run.epoch_state:
+                    ckpt = run.checkpoint(epoch - 1, run.epoch_state)
+                    if env.master:
                         save_checkpoint(ckpt, last_path)
-                        plot_history(history, plot_path, augmented=augments(args))
-                    raw = f" (raw weights {metrics['val_acc_raw']:.2%})" if ema else ""
-                    print0(f"epoch {epoch}/{args.epochs} | train loss {metrics['train_loss']:.4f} acc "
-                           f"{metrics['train_acc']:.2%} | val loss {val_loss:.4f} acc {val_acc:.2%}{raw} | lr "
-                           f"{metrics['lr']:.2e} | {metrics['images_per_sec']:,.0f} img/s"
-                           f"{' | best' if improved else ''}")
-                    # Ctrl-C at the very end of the epoch (on any rank): it is saved whole
-                    if sum_over_ranks([stop.requested], device)[0]:
-                        print0(f"interrupted after epoch {epoch}: saved {last_path}; {resume_hint}", file=sys.stderr)
-                        return 130
-        except torch.OutOfMemoryError:
-            raise TrainingError(f"out of memory on {device}: lower --batch-size (now {args.batch_size}), or "
-                                f"--d-model / --num-blocks, or turn on --amp") from None
-
-        # the test set, once, with the weights that were best on validation (rank 0 reads them, all evaluate)
-        if master and not os.path.exists(args.out):
-            raise UsageError(f"no best checkpoint at {args.out}: pass the --out of the run being resumed")
-        best = torch.load(args.out, map_location="cpu", weights_only=True) if master else None
-        raw_model.load_state_dict(from_rank0(best["model"] if master else None))
-        test_loss, test_acc = evaluate(model, test_split, criterion, autocast, "test")
-        if master:
-            best["metrics"].update(test_loss=test_loss, test_acc=test_acc)
-            save_checkpoint(best, args.out)
-            hparams = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in vars(args).items()}
-            writer.add_hparams({**hparams, "patience": patience, "parameters": n_params},
-                               {"test/accuracy": test_acc, "test/loss": test_loss, "val/best_accuracy": best_val_acc},
-                               run_name=".", global_step=len(history["val_acc"]))  # ".": this run, beside its curves
-    weights = "averaged weights" if ema else "weights"
-    print0(f"test: loss {test_loss:.4f} acc {test_acc:.2%} with the {weights} of epoch {best_epoch} (validation acc "
-           f"{best_val_acc:.2%}) -> {args.out}, {last_path}, {plot_path}")
+                    print0(f"interrupted in epoch {epoch} at step {run.epoch_state['step']}/{run.steps_per_epoch}: "
+                           f"saved {last_path}; {resume_hint}", file=sys.stderr)
+                    return 130
+                if env.ddp:  # DDP syncs buffers at each training forward only: evaluate with rank 0's BatchNorm
+                    for buffer in itertools.chain(run.raw_model.buffers(), run.ema.module.buffers() if run.ema else []):
+                        dist.broadcast(buffer, 0)  # statistics (--arch cnn), the ones its checkpoint holds
+                improved = run.validate(epoch, train_metrics)
+                ckpt = run.checkpoint(epoch)
+                if env.master:
+                    log_scalars(run, epoch, writer)
+                    if improved:
+                        save_checkpoint(ckpt, args.out)
+                    save_checkpoint(ckpt, last_path)
+                    plot_history(run.history, plot_path, augmented=augments(args))
+                print0(epoch_line(run, epoch, improved))
+                # Ctrl-C at the very end of the epoch (on any rank): it is saved whole
+                if sum_over_ranks([stop.requested], env.device)[0]:
+                    print0(f"interrupted after epoch {epoch}: saved {last_path}; {resume_hint}", file=sys.stderr)
+                    return 130
+    except torch.OutOfMemoryError:
+        raise TrainingError(f"out of memory on {env.device}: lower --batch-size (now {args.batch_size}), or "
+                            f"--d-model / --num-blocks, or turn on --amp") from None
     return 0
+
+
+def epoch_line(run, epoch, improved):
+    m = run.metrics
+    raw = f" (raw weights {m['val_acc_raw']:.2%})" if run.ema else ""
+    return (f"epoch {epoch}/{run.args.epochs} | train loss {m['train_loss']:.4f} acc {m['train_acc']:.2%} | val loss "
+            f"{m['val_loss']:.4f} acc {m['val_acc']:.2%}{raw} | lr {m['lr']:.2e} | {m['images_per_sec']:,.0f} img/s"
+            f"{' | best' if improved else ''}")
+
+
+def final_test(run, writer):
+    """The test set, once, in fp32, with the weights that were best on validation (rank 0 reads them, all evaluate);
+    its numbers go into the best checkpoint and TensorBoard's hparams."""
+    args, env = run.args, run.env
+    best_path, last_path, plot_path = output_paths(args)
+    if env.master and not os.path.exists(best_path):
+        raise UsageError(f"no best checkpoint at {best_path}: pass the --out of the run being resumed")
+    best = load_checkpoint(best_path, "--out") if env.master else None
+    run.raw_model.load_state_dict(from_rank0(best["model"] if env.master else None))
+    test_loss, test_acc = evaluate(run.model, run.data.test, run.criterion, "test")
+    if env.master:
+        best["metrics"].update(test_loss=test_loss, test_acc=test_acc)
+        save_checkpoint(best, best_path)
+        hparams = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in vars(args).items()}
+        writer.add_hparams({**hparams, "parameters": count_params(run.raw_model)},
+                           {"test/accuracy": test_acc, "test/loss": test_loss, "val/best_accuracy": run.best_val_acc},
+                           run_name=".", global_step=len(run.history["val_acc"]))  # ".": this run, beside its curves
+    weights = "averaged weights" if run.ema else "weights"
+    print0(f"test: loss {test_loss:.4f} acc {test_acc:.2%} with the {weights} of epoch {run.best_epoch} (validation "
+           f"acc {run.best_val_acc:.2%}) -> {best_path}, {last_path}, {plot_path}")
+
+
+def train(args, given):
+    """The whole run; returns the exit status (0, or 130 after Ctrl-C). `given`: the flags on the command line."""
+    resume = settle_args(args, given)
+    env = start_processes(args)
+    data = load_data(args, env)
+    run = Run(args, env, data, build_model(args, data, env.device), resume)
+    describe_run(args, env, data, run, resume)
+    writer = SummaryWriter(os.path.join(args.log_dir, args.run_name),
+                           purge_step=run.start_epoch + 1 if resume else None) if env.master else None
+    with writer or contextlib.nullcontext():
+        status = fit(run, writer)
+        if status == 0:
+            final_test(run, writer)
+    return status
 
 
 class WeightAverage:

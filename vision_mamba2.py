@@ -1,8 +1,7 @@
 """
 Vision Mamba 2: an MNIST classifier built from Mamba-2 (SSD) blocks instead of CNN layers.
 
-    image (B, 1, 28, 28) -> conv stem, stride 4, kernel 7 (optionally after a full-resolution conv; or, stem="conv",
-       two 3x3 stride-2 convs and a 1x1) -> (B, D, 7, 7)
+    image (B, 1, 28, 28) -> conv stem, stride 4, kernel 7 -> (B, D, 7, 7)
        + learned 2-D position embedding
     -> num_blocks x VisionMambaBlock: a residual 3x3 depthwise conv on the grid (local_conv), then the whole 7x7
        grid as one 49-token sequence, read in one ("uni"), two ("bi", as Vim) or four ("cross", as VMamba)
@@ -24,10 +23,10 @@ images one pixel per step, causally, with the same Mamba-2 mixer:
 import argparse
 import dataclasses
 import functools
+import importlib.metadata
 import importlib.util
 import sys
 import types
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -39,9 +38,6 @@ from mamba2_torch import Mamba2
 
 SCANS = {"uni": 1, "bi": 2, "cross": 4}  # scan mode -> number of directions
 BACKENDS = ("auto", "official", "portable")
-STEMS = ("patch", "conv")  # VisionMamba2's tokenizer: one strided conv, or a few stride-2 convs (conv_stem)
-
-
 READOUTS = ("mean", "last")  # SequentialMamba2's summary of the sequence: average over all steps, or the last
 
 
@@ -50,15 +46,14 @@ class ModelConfig:
     the input check of the image classifiers (check_input), and, in validate, the checks of the Mamba-2 mixer
     (baselines.py's configs override validate)."""
 
-    # fields whose default changed after checkpoints without them were written: their value in those checkpoints
-    LEGACY = {}
-
     @classmethod
     def from_dict(cls, d):
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown model config keys {sorted(unknown)}: written by another version of this code?")
-        return cls(**{**cls.LEGACY, **d})
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if set(d) != fields:
+            unknown, missing = sorted(set(d) - fields), sorted(fields - set(d))
+            raise ValueError(f"the model config has unknown keys {unknown} and lacks {missing}: written by another "
+                             f"version of this code?")
+        return cls(**d)
 
     def validate_fields(self):
         for f in dataclasses.fields(self):
@@ -103,8 +98,6 @@ class VisionMamba2Config(ModelConfig):
     in_chans: int = 1
     num_classes: int = 10
     patch_size: int = 4  # stem stride: 28x28 pixels -> 7x7 tokens (2: 14x14, 4x the work, no more accurate)
-    stem: str = "patch"  # "patch": one conv of kernel 2p-1, stride p; "conv": conv_stem's stride-2 convs
-    stem_width: int | None = None  # None: one conv; a width: a full-resolution 3x3 conv + BN + GELU of it first
     d_model: int = 128
     num_blocks: int = 4
     d_state: int = 32
@@ -118,26 +111,13 @@ class VisionMamba2Config(ModelConfig):
     drop_path: float = 0.0  # stochastic depth: the chance that the last block's branch is skipped (0 for the first)
     local_conv: bool = True  # a residual 3x3 depthwise conv on the token grid at the start of each block
     backend: str = "auto"
-    LEGACY = {"local_conv": False}  # the model before local_conv existed (and was off by default)
 
     def validate(self):
         if self.scan not in SCANS:
             raise ValueError(f"scan must be one of {list(SCANS)}, got {self.scan!r}")
         super().validate()
-        width = self.stem_width
-        if width is not None and (not isinstance(width, int) or isinstance(width, bool) or width < 1):
-            raise ValueError(f"stem_width must be None (one conv) or a positive integer, got {self.stem_width!r}")
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} must be divisible by patch_size {self.patch_size}")
-        if self.stem not in STEMS:
-            raise ValueError(f"stem must be one of {list(STEMS)}, got {self.stem!r}")
-        if self.stem == "conv":
-            p = self.patch_size
-            if p & (p - 1) or self.d_model % p:
-                raise ValueError(f"the conv stem halves the grid log2(patch_size) times, from d_model/patch_size "
-                                 f"channels: patch_size {p} must be a power of 2 dividing d_model {self.d_model}")
-            if self.stem_width is not None:
-                raise ValueError("stem_width widens the patch stem's full-resolution conv; the conv stem has none")
 
 
 @dataclass
@@ -180,30 +160,52 @@ class SequentialMamba2Config(ModelConfig):
 
 
 @functools.cache
-def load_official_kernels():
-    """mamba_ssm's Mamba-2 kernels as a namespace, or None when mamba-ssm is not installed or won't import."""
+def import_official_kernels():
+    """(mamba_ssm's Mamba-2 kernels as a namespace or None, a few words on how they were found or why not)."""
     if importlib.util.find_spec("mamba_ssm") is None:
-        return None
+        return None, "mamba-ssm is not installed"
+    how = ""
     try:
-        import selective_scan_cuda  # noqa: F401
-    except ImportError:
-        # mamba_ssm/__init__ imports Mamba (v1), whose module imports this CUDA extension unguarded;
-        # without it (a source install that skipped the CUDA build) the package fails to import even
-        # though Mamba-2's Triton kernels don't need it. A placeholder lets the package import.
-        sys.modules["selective_scan_cuda"] = types.ModuleType(
-            "selective_scan_cuda", "placeholder: mamba-ssm was installed without this CUDA extension")
+        import mamba_ssm  # noqa: F401
+    except Exception as e:
+        # the package's __init__ also imports Mamba-1 (a CUDA extension a source install may lack) and the language
+        # models (transformers, huggingface_hub), none of which Mamba-2's Triton kernels need: import those alone,
+        # under a bare package that does not run the __init__
+        spec = importlib.util.find_spec("mamba_ssm")
+        package = types.ModuleType("mamba_ssm")
+        package.__path__, package.__spec__ = list(spec.submodule_search_locations), spec
+        sys.modules["mamba_ssm"] = package
+        how = f", imported without the package's __init__, which fails ({type(e).__name__}: {e})"
     try:
         from mamba_ssm.ops.triton import ssd_combined
         from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
-    except Exception as e:  # e.g. a mamba-ssm release that doesn't import with this torch or transformers
-        warnings.warn(f"mamba-ssm is installed but does not import ({type(e).__name__}: {e}): "
-                      "the official kernels are unavailable")
-        return None
+    except Exception as e:  # e.g. a release that doesn't import with this torch or triton
+        return None, f"mamba-ssm is installed but its Mamba-2 kernels do not import ({type(e).__name__}: {e})"
     # the fused conv + scan path calls causal-conv1d's compiled CUDA functions; mamba_ssm sets them to
     # None when causal-conv1d (or its extension) is missing
     has_conv_kernel = ssd_combined.causal_conv1d_fwd_function is not None
     fused = ssd_combined.mamba_split_conv1d_scan_combined if has_conv_kernel else None
-    return types.SimpleNamespace(scan=ssd_combined.mamba_chunk_scan_combined, gated_norm=rmsnorm_fn, fused=fused)
+    conv = "conv fused by causal-conv1d" if fused else "conv in PyTorch (causal-conv1d not installed)"
+    return (types.SimpleNamespace(scan=ssd_combined.mamba_chunk_scan_combined, gated_norm=rmsnorm_fn, fused=fused),
+            f"mamba-ssm {importlib.metadata.version('mamba-ssm')} Triton kernels, {conv}{how}")
+
+
+def load_official_kernels():
+    """mamba_ssm's Mamba-2 kernels as a namespace, or None when mamba-ssm is not installed or won't import."""
+    return import_official_kernels()[0]
+
+
+def describe_backend(backend, device):
+    """One line: which Mamba-2 implementation runs on `device` for `backend`, and why."""
+    device = torch.device(device)
+    chosen = resolve_backend(backend, device)
+    kernels, note = import_official_kernels() if device.type == "cuda" else (None, "")
+    if chosen == "official":
+        return f"official ({note})"
+    if backend == "portable":
+        return "portable (pure PyTorch, as asked)"
+    why = note if device.type == "cuda" else f"the official kernels run only on CUDA, not on {device.type}"
+    return f"portable (pure PyTorch): {why}"
 
 
 def resolve_backend(backend, device):
@@ -318,28 +320,10 @@ class VisionMambaBlock(nn.Module):
         return rearrange(t + self.drop_path(y), "b (h w) c -> b c h w", h=h, w=w)
 
 
-def conv_bn_gelu(cin, cout, stride=1):
-    """The stems' nonlinear 3x3 conv, as layers to splice into a Sequential (the checkpoints' keys count them)."""
-    return [nn.Conv2d(cin, cout, kernel_size=3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.GELU()]
-
-
-def patch_stem(c):
-    """Overlapping conv, kernel 2p-1, stride p: (B, in_chans, H, W) -> (B, d_model, H/p, W/p). With stem_width, a
-    3x3 conv + BatchNorm + GELU at full resolution first: local 2-D features before the 1-D scans."""
-    p = c.patch_size
-    tokens = nn.Conv2d(c.stem_width or c.in_chans, c.d_model, kernel_size=2 * p - 1, stride=p, padding=p - 1)
-    return tokens if c.stem_width is None else nn.Sequential(*conv_bn_gelu(c.in_chans, c.stem_width), tokens)
-
-
-def conv_stem(c):
-    """Early convolutions (Xiao et al. 2021): log2(p) stages of 3x3 stride-2 conv + BatchNorm + GELU, from d_model/p
-    channels doubling, then a 1x1 conv to d_model. (B, in_chans, H, W) -> (B, d_model, H/p, W/p); at p = 4 and
-    d_model 128: 1 -> 32 -> 64 -> 128 channels, 28 -> 14 -> 7 pixels, 27K parameters (the patch stem: 6K)."""
-    layers, cin, width = [], c.in_chans, c.d_model // c.patch_size
-    for _ in range(c.patch_size.bit_length() - 1):
-        layers += conv_bn_gelu(cin, width, stride=2)
-        cin, width = width, 2 * width
-    return nn.Sequential(*layers, nn.Conv2d(cin, c.d_model, kernel_size=1))
+def classifier_head(c):
+    """The MLP on the pooled features, shared by the image and sequence models (and the ViT): (B, D) -> (B, classes)."""
+    return nn.Sequential(nn.Linear(c.d_model, c.d_model), nn.GELU(), nn.Dropout(c.dropout),
+                         nn.Linear(c.d_model, c.num_classes))
 
 
 class VisionMamba2(nn.Module):
@@ -347,7 +331,9 @@ class VisionMamba2(nn.Module):
         super().__init__()
         self.config = c = buildable(config)
         self.grid_size = c.img_size // c.patch_size
-        self.stem = conv_stem(c) if c.stem == "conv" else patch_stem(c)  # (B, D, h, w)
+        # overlapping patches: kernel 2p-1, stride p, (B, in_chans, H, W) -> (B, D, H/p, W/p)
+        p = c.patch_size
+        self.stem = nn.Conv2d(c.in_chans, c.d_model, kernel_size=2 * p - 1, stride=p, padding=p - 1)
         self.pos_embed = nn.Parameter(torch.zeros(1, c.d_model, self.grid_size, self.grid_size))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.pos_embed._no_weight_decay = True  # embeddings, like norms and the SSM's A_log/D/dt_bias
@@ -357,8 +343,7 @@ class VisionMamba2(nn.Module):
                              chunk_size=c.chunk_size, drop_path=p, local_conv=c.local_conv, backend=c.backend)
             for p in drop_path_rates(c))
         self.norm = nn.LayerNorm(c.d_model)
-        self.head = nn.Sequential(nn.Linear(c.d_model, c.d_model), nn.GELU(), nn.Dropout(c.dropout),
-                                  nn.Linear(c.d_model, c.num_classes))
+        self.head = classifier_head(c)
 
     def forward(self, x):
         # x : (B, in_chans, img_size, img_size)
@@ -410,8 +395,7 @@ class SequentialMamba2(nn.Module):
                                 backend=c.backend)
             for p in drop_path_rates(c))
         self.norm = nn.LayerNorm(c.d_model)
-        self.head = nn.Sequential(nn.Linear(c.d_model, c.d_model), nn.GELU(), nn.Dropout(c.dropout),
-                                  nn.Linear(c.d_model, c.num_classes))
+        self.head = classifier_head(c)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -457,7 +441,7 @@ def check_on(model, device, batch_size):
     """Shapes of each stage, then a forward and backward pass on a random batch."""
     model = model.to(device)
     c = model.config
-    print(f"\n[{device}] backend in use: {resolve_backend(c.backend, device)}")
+    print(f"\n[{device}] backend: {describe_backend(c.backend, device)}")
     shapes = []
     hooks = [m.register_forward_hook(lambda m, i, o, name=name: shapes.append((name, tuple(o.shape))))
              for name, m in [("stem", model.stem), *((f"blocks.{i}", b) for i, b in enumerate(model.blocks)),
@@ -501,8 +485,8 @@ def main():
         flag, kind, text = "--" + f.name.replace("_", "-"), type(f.default), f"(default: {f.default})"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
-        else:  # stem_width's default, None (one conv), has no type
-            parser.add_argument(flag, type=int if f.name == "stem_width" else kind, default=f.default, help=text)
+        else:
+            parser.add_argument(flag, type=kind, default=f.default, help=text)
     parser.add_argument("--batch-size", type=int, default=4)
     args = vars(parser.parse_args())
     batch_size = args.pop("batch_size")

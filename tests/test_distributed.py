@@ -6,7 +6,6 @@ by Ctrl-C); a rank that fails ends the job. The GPU path (nccl, one GPU per proc
 another backend and device, and is not run here.
 """
 
-import contextlib
 import json
 import os
 import shutil
@@ -80,7 +79,7 @@ def test_two_processes_equal_one_evaluating_their_checkpoint(ddp_run, data_dir, 
     criterion = nn.CrossEntropyLoss(label_smoothing=saved["label_smoothing"])
     for loader, key in [(loaders[1], "val"), (loaders[2], "test")]:
         split = train.DeviceSplit(loader, torch.device("cpu"), **best["normalization"])
-        loss, acc = train.evaluate(model, split, criterion, contextlib.nullcontext, key)
+        loss, acc = train.evaluate(model, split, criterion, key)
         assert acc == best["metrics"][f"{key}_acc"], key
         assert loss == pytest.approx(best["metrics"][f"{key}_loss"], rel=1e-5), key
 
@@ -193,5 +192,5 @@ def test_cnn_validates_with_rank_0s_batchnorm_statistics(ema, data_dir, tmp_path
                                           val_size=saved["val_size"], seed=saved["seed"])
     split = train.DeviceSplit(loaders[1], torch.device("cpu"), **best["normalization"])
     criterion = nn.CrossEntropyLoss(label_smoothing=saved["label_smoothing"])
-    loss, acc = train.evaluate(model, split, criterion, contextlib.nullcontext, "val")
+    loss, acc = train.evaluate(model, split, criterion, "val")
     assert acc == best["metrics"]["val_acc"] and loss == pytest.approx(best["metrics"]["val_loss"], rel=1e-5)

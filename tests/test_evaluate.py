@@ -130,7 +130,7 @@ def edited(key, value):
 
 
 BAD_CHECKPOINTS = {
-    "missing": (None, "no checkpoint at .* train one with `python train.py`"),
+    "missing": (None, "--checkpoint .*bad.pth: no such file"),
     "text": (lambda ckpt, path: path.write_text("not a checkpoint\n"), "is not a readable PyTorch checkpoint"),
     "empty": (lambda ckpt, path: path.write_bytes(b""), "is not a readable PyTorch checkpoint"),
     "truncated": (None, "is not a readable PyTorch checkpoint, or it is truncated"),
@@ -138,7 +138,7 @@ BAD_CHECKPOINTS = {
                         r"is not a checkpoint of train.py \(from another program\?\)"),
     "list": (lambda ckpt, path: torch.save([1, 2], path), "is not a checkpoint of train.py .* found a list"),
     "unknown config key": (edited("config", {"future_knob": 1}),
-                           r"cannot rebuild \(unknown model config keys \['future_knob'\]"),
+                           r"cannot rebuild \(the model config has unknown keys \['future_knob'\]"),
     "other shapes": (edited("config", {"d_model": 24}), "cannot rebuild .*size mismatch"),
     "unknown task": (edited("args", {"task": "sequential-mnist"}),
                      "for task/arch sequential-mnist/mamba2, which this version of test_model.py does not know"),

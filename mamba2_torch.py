@@ -7,6 +7,11 @@ duality) layer is computed by the chunked algorithm of the Mamba-2 paper (Dao & 
 within a chunk the SSM is a masked "attention" matrix (quadratic, matmul-friendly); across chunks only
 the (headdim x d_state) states are carried by a short recurrence. No Python loop over time steps.
 
+The same layer has two other exact forms (the "duality"), for looking inside it: `ssd_matrix` writes the whole
+sequence map as one lower-triangular (l x l) matrix per head, y = M x + D x with M = L o (C B^T), an attention
+matrix whose mask L holds the decays; `Mamba2.step` runs the recurrence one token at a time on a fixed-size
+state, as mamba_ssm's inference does.
+
 Notation (as in the paper and mamba_ssm): b batch, l length, h heads, p headdim, g groups, n d_state,
 c chunks, s/t positions inside a chunk.
 """
@@ -16,7 +21,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 
 
 def segsum(x):
@@ -110,6 +115,34 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
     return y
 
 
+def discretize_dt(dt, dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf"))):
+    """dt as mamba_chunk_scan_combined uses it, in fp32: + dt_bias, softplus (threshold 20, as the kernels), clamped
+    to dt_limit. For ssd_matrix and Mamba2.step."""
+    # dt : (..., h)
+    dt = dt.float()
+    if dt_bias is not None:
+        dt = dt + dt_bias.float()
+    if dt_softplus:
+        dt = F.softplus(dt)
+    return dt.clamp(dt_limit[0], dt_limit[1])
+
+
+def ssd_matrix(dt, A, B, C, *, dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf"))):
+    """The SSD as one matrix per head (state space duality): the M with y[b, i, h] = sum_j M[b, h, i, j] x[b, j, h]
+    (+ D x), y as mamba_chunk_scan_combined computes it from the same arguments (without z).
+
+    dt: (b, l, h)  A: (h,)  B, C: (b, l, g, n), shared by the h/g heads of a group.  Returns M (b, h, l, l), fp32:
+    M = L o (C B^T), L[i, j] = exp(dA_{j+1} + ... + dA_i) dt_j with dA = dt A, zero above the diagonal (causal).
+    A masked attention matrix whose "softmax" is the decay mask L. Quadratic in l: for looking, not for computing.
+    """
+    g = B.shape[2]
+    dt = discretize_dt(dt, dt_bias, dt_softplus, dt_limit)  # (b, l, h)
+    # segsum, not a difference of cumsums: exact for decays over the whole sequence (exp(-inf) = 0 above it)
+    L = torch.exp(segsum(rearrange(dt * A.float(), "b l h -> b h l"))) * rearrange(dt, "b l h -> b h 1 l")
+    CB = torch.einsum("bign,bjgn->bgij", C.float(), B.float())  # (b, g, l, l)
+    return L * repeat(CB, "b g i j -> b (g r) i j", r=dt.shape[-1] // g)
+
+
 def rmsnorm_fn(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_before_gate=True):
     """Gated RMSNorm with the convention of mamba_ssm.ops.triton.layernorm_gated.rmsnorm_fn.
 
@@ -186,6 +219,18 @@ class Mamba2(nn.Module):
 
     def forward(self, u):
         return self.mix(u, scan=mamba_chunk_scan_combined, gated_norm=rmsnorm_fn)
+
+    def ssd_matrix(self, u):
+        """This layer's SSD matrix M (b, h, l, l) on input u (see the function ssd_matrix): x, dt, B and C come from u
+        as in mix(), and the scan's output is y[:, i, h] = sum_j M[:, h, i, j] x[:, j, h] + D x[:, i, h]."""
+        # u : (b, l, d_model)
+        l = u.shape[1]
+        _, xBC, dt = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        xBC = F.silu(self.conv1d(xBC.transpose(1, 2))[..., :l].transpose(1, 2))
+        _, B, C = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        B, C = (rearrange(t, "b l (g n) -> b l g n", g=self.ngroups) for t in (B, C))
+        return ssd_matrix(dt, -torch.exp(self.A_log.float()), B, C, dt_bias=self.dt_bias, dt_softplus=True,
+                          dt_limit=self.dt_limit)
 
     def mix(self, u, *, scan, gated_norm):
         """The Mamba-2 forward with the SSD `scan` and `gated_norm` functions given (portable or official)."""

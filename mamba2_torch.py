@@ -220,6 +220,42 @@ class Mamba2(nn.Module):
     def forward(self, u):
         return self.mix(u, scan=mamba_chunk_scan_combined, gated_norm=rmsnorm_fn)
 
+    def allocate_inference_cache(self, batch_size, max_seqlen, dtype=None, **kwargs):
+        """Zero states for step(), as mamba_ssm's: conv_state (B, conv_dim, d_conv), the last d_conv inputs of the
+        conv (a transposed view, the layout causal-conv1d's update kernel reads), and ssm_state (B, h, p, n).
+        Their size does not depend on max_seqlen (kept for the calling convention)."""
+        device = self.out_proj.weight.device
+        conv_state = torch.zeros(batch_size, self.d_conv, self.conv_dim, device=device,
+                                 dtype=dtype or self.conv1d.weight.dtype).transpose(1, 2)
+        ssm_state = torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device,
+                                dtype=dtype or self.in_proj.weight.dtype)
+        return conv_state, ssm_state
+
+    def step(self, hidden_states, conv_state, ssm_state):
+        """The recurrent form: one token in, one out, with mamba_ssm's Mamba2.step convention. The states (from
+        allocate_inference_cache) are updated in place and returned; stepping through a sequence gives forward()'s
+        outputs one at a time, in memory constant in the length. dt_limit and D_has_hdim act as in forward
+        (mamba_ssm 2.3's step ignores the first and rejects the second)."""
+        # hidden_states : (b, 1, d_model)  conv_state : (b, conv_dim, d_conv)  ssm_state : (b, h, p, n)
+        z, xBC, dt = torch.split(self.in_proj(hidden_states[:, 0]), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        # the causal conv at the newest position: slide the window of the last d_conv inputs, apply the kernel
+        conv_state.copy_(torch.cat([conv_state[..., 1:], xBC[..., None]], dim=-1))
+        xBC = F.silu(F.conv1d(conv_state.to(xBC.dtype), self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim))
+        x, B, C = torch.split(xBC[..., 0], [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state],
+                              dim=-1)
+        x = rearrange(x, "b (h p) -> b h p", p=self.headdim).float()
+        r = self.nheads // self.ngroups  # the heads of a group share B and C
+        B, C = (repeat(t.float(), "b (g n) -> b (g r) n", g=self.ngroups, r=r) for t in (B, C))
+        dt = discretize_dt(dt, self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit)  # (b, h)
+        # h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T,  y_t = h_t C_t + D x_t  (in fp32, as the scan)
+        decay = torch.exp(dt * -torch.exp(self.A_log.float()))[..., None, None]  # (b, h, 1, 1)
+        ssm_state.copy_(decay * ssm_state + torch.einsum("bh,bhp,bhn->bhpn", dt, x, B))
+        y = torch.einsum("bhpn,bhn->bhp", ssm_state.float(), C)
+        y = y + x * (rearrange(self.D, "(h p) -> h p", p=self.headdim) if self.D_has_hdim else self.D[:, None])
+        y = rearrange(y, "b h p -> b (h p)").to(hidden_states.dtype)
+        y = self.norm(y, z) if self.rmsnorm else y * F.silu(z)
+        return self.out_proj(y)[:, None], conv_state, ssm_state
+
     def ssd_matrix(self, u):
         """This layer's SSD matrix M (b, h, l, l) on input u (see the function ssd_matrix): x, dt, B and C come from u
         as in mix(), and the scan's output is y[:, i, h] = sum_j M[:, h, i, j] x[:, j, h] + D x[:, i, h]."""

@@ -222,7 +222,7 @@ class Mamba2(nn.Module):
 
     def allocate_inference_cache(self, batch_size, max_seqlen, dtype=None, **kwargs):
         """Zero states for step(), as mamba_ssm's: conv_state (B, conv_dim, d_conv), the last d_conv inputs of the
-        conv (a transposed view, the layout causal-conv1d's update kernel reads), and ssm_state (B, h, p, n).
+        conv (a transposed view, laid out in memory as mamba_ssm's), and ssm_state (B, h, p, n).
         Their size does not depend on max_seqlen (kept for the calling convention)."""
         device = self.out_proj.weight.device
         conv_state = torch.zeros(batch_size, self.d_conv, self.conv_dim, device=device,

@@ -20,10 +20,15 @@ import torch.nn.functional as F
 from einops import rearrange
 
 
-@functools.lru_cache
 def causal_bias(n, device):
     """(n, n) fp32, 0 on and below the diagonal, -inf above: added to log-decays before exp(), it keeps step i
-    from seeing any step j > i (an add, whose backward pass costs nothing). Built once per size and device."""
+    from seeing any step j > i (an add, whose backward pass costs nothing). Built once per size and device; under
+    torch.compile, as a constant of the graph (dynamo traces through caches, with a warning)."""
+    return (cached_causal_bias.__wrapped__ if torch.compiler.is_compiling() else cached_causal_bias)(n, device)
+
+
+@functools.lru_cache
+def cached_causal_bias(n, device):
     return torch.full((n, n), -torch.inf, dtype=torch.float32, device=device).triu(1)
 
 

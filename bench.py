@@ -14,6 +14,8 @@ Benchmarks, each printing a markdown table: speed and memory claims live here, n
     ssd      our SSD vs mamba_ssm's ssd_minimal_discrete and a sequential scan (needs mamba-ssm; CPU)
     train    train.py's input pipeline and training steps vs a typical per-sample DataLoader
     eval     test_model.py's batched test-set pass vs one image per forward
+    ops      aten ops per training step (each at least one kernel launch on a GPU, where these small models wait
+             on launches): Vision Mamba 2, the sequential model, CNN and ViT; counted on the CPU, exactly
 
 Every measurement happens in this one process, so ratios compare like with like: medians of several repeats
 after a warm-up, timed with CUDA events on a GPU (perf_counter after a synchronize elsewhere).
@@ -29,6 +31,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import profile
 from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 
@@ -37,7 +40,8 @@ import train
 from baselines import CNN, CNNConfig, ViT, ViTConfig
 from mamba2_torch import mamba_chunk_scan_combined, rmsnorm_fn
 from train import keep_freed_memory_in_process
-from vision_mamba2 import count_params, create_vision_mamba2_model, load_official_kernels
+from vision_mamba2 import (SequentialMamba2, SequentialMamba2Config, count_params, create_vision_mamba2_model,
+                           load_official_kernels)
 
 
 def sync(device):
@@ -428,6 +432,86 @@ def bench_eval(args):
     return rows
 
 
+def returns_a_view(op):
+    """Whether the aten op named `op` ("aten::reshape") is a view op: one of its overloads' schemas marks every
+    output as an alias of an input that is not written to (Tensor(a)): view, reshape, transpose, permute, select,
+    slice, expand, split, unbind, as_strided, t, unsqueeze, squeeze, alias, detach, to, ... (The profiler does
+    not record which overload ran; the overloads of one op differ here only in slice's, on strings.)"""
+    packet = getattr(torch.ops.aten, op.removeprefix("aten::"))
+    schemas = (getattr(packet, overload)._schema for overload in packet.overloads())
+    return any(s.returns and all(r.alias_info is not None and not r.alias_info.is_write for r in s.returns)
+               for s in schemas)
+
+
+def training_step_ops(model, x, y):
+    """The aten ops that one training step (forward, cross-entropy, backward, fused AdamW step) launches.
+
+    Counted from torch.profiler's record of the step on the CPU (the second step: the first one creates the
+    optimizer's state and the model's caches). An op counts when it is
+      - top level: an aten op called from no other aten op (the ops that autograd's backward nodes call count:
+        their callers are autograd nodes), and
+      - not a view: not a view op (returns_a_view) whose every nested aten call is a view op too. So a reshape
+        that has to copy (it calls clone) counts and one that returns a view does not; likewise x.float() counts
+        when it casts (it calls _to_copy), not on an fp32 tensor (it returns x itself).
+    Each op counted is at least one kernel launch on a GPU. Deterministic: the same model and batch shape give
+    the same count on any CPU (and any batch size: no op depends on it). Returns {op name: count}.
+    """
+    model = model.cpu().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+
+    def step():
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step()
+    with profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+
+    def top_level(e):
+        while (e := e.cpu_parent) is not None:
+            if e.name.startswith("aten::"):
+                return False
+        return True
+
+    def view(e):
+        return returns_a_view(e.name) and all(view(c) for c in e.cpu_children if c.name.startswith("aten::"))
+
+    counts = {}
+    for e in prof.events():
+        if e.name.startswith("aten::") and top_level(e) and not view(e):
+            counts[e.name] = counts.get(e.name, 0) + 1
+    return counts
+
+
+def bench_ops(args):
+    """Top-level non-view aten ops per training step (training_step_ops), batch --batch-size, portable backend:
+    on a GPU each is a kernel launch, and these models are small enough to wait on the launches."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch_size, 1, 28, 28, generator=gen)
+    y = torch.randint(0, 10, (args.batch_size,), generator=gen)
+    models = [("Vision Mamba 2", lambda: create_vision_mamba2_model(backend="portable")),
+              ("sequential Mamba 2 (sMNIST, 784 steps)",
+               lambda: SequentialMamba2(SequentialMamba2Config(backend="portable"))),
+              ("CNN (baselines.py)", lambda: CNN(CNNConfig())), ("ViT (baselines.py)", lambda: ViT(ViTConfig()))]
+    rows = []
+    for name, build in models:
+        torch.manual_seed(0)
+        model = build()
+        ops = sum(training_step_ops(model, x, y).values())
+        rows.append(dict(model=name, params=count_params(model), batch=args.batch_size, ops_per_step=ops))
+    print(f"\naten ops per training step (forward, cross-entropy, backward, fused AdamW), fp32, portable backend: "
+          f"the top-level ops that are not views, from torch.profiler on the CPU (bench.training_step_ops); on a "
+          f"GPU each is at least one kernel launch\n")
+    print("| model | params | batch | aten ops per step | vs ViT |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['params']:,} | {r['batch']} | {r['ops_per_step']:,} | "
+              f"{r['ops_per_step'] / rows[-1]['ops_per_step']:.2f}x |")
+    return rows
+
+
 def saved_activation_bytes(fn):
     """Bytes of the tensors autograd keeps for the backward pass while fn() runs its forward: the
     activation memory of training, measurable on any device (CPU has no peak-memory counter)."""
@@ -526,7 +610,7 @@ def bench_scaling(args):
 
 
 SECTIONS = {"models": bench_models, "scaling": bench_scaling, "ssd": bench_ssd, "train": bench_train,
-            "eval": bench_eval}
+            "eval": bench_eval, "ops": bench_ops}
 # --quick: every section at small sizes, under 2 minutes on 2 CPU cores (flags given on the command line win)
 QUICK = dict(batch_size=32, naive_images=64, repeats=1, scaling_lengths=[49, 196, 784, 3136], tokens=3136,
              lengths=[196], batch=8, images=2000, step_images=64, train_samples=5000, eval_images=256,
@@ -555,7 +639,7 @@ def build_parser():
     g = p.add_argument_group("models")
     g.add_argument("--batch-size", type=count, default=128,
                    help="training batch (inference: twice as many), train.py's default; the naive pipeline "
-                        "always uses 32")
+                        "always uses 32; also the ops section's batch")
     g.add_argument("--naive-images", type=count, default=512, help="images timed through the naive pipeline")
     g.add_argument("--compile", action="store_true",
                    help="also time each model through torch.compile, as train.py --compile runs it (after its "

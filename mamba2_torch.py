@@ -16,12 +16,25 @@ Notation (as in the paper and mamba_ssm): b batch, l length, h heads, p headdim,
 c chunks, s/t positions inside a chunk.
 """
 
+import functools
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, repeat
+
+
+def causal_bias(n, device):
+    """(n, n) fp32, 0 on and below the diagonal, -inf above: added to log-decays before exp(), it keeps step i
+    from seeing any step j > i (an add, whose backward pass costs nothing). Built once per size and device; under
+    torch.compile, as a constant of the graph (dynamo traces through caches, with a warning)."""
+    return (cached_causal_bias.__wrapped__ if torch.compiler.is_compiling() else cached_causal_bias)(n, device)
+
+
+@functools.lru_cache
+def cached_causal_bias(n, device):
+    return torch.full((n, n), -torch.inf, dtype=torch.float32, device=device).triu(1)
 
 
 def segsum(x):
@@ -34,10 +47,8 @@ def segsum(x):
     # x : (..., T)
     T = x.size(-1)
     x = x[..., :, None].expand(*x.shape, T)  # x[..., i, j] = x_i
-    strictly_lower = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device), diagonal=-1)
-    x = torch.cumsum(x.masked_fill(~strictly_lower, 0), dim=-2)
-    lower = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device), diagonal=0)
-    return x.masked_fill(~lower, -torch.inf)
+    x = torch.cumsum(x.tril(-1), dim=-2)  # the terms j < i only
+    return x + causal_bias(T, x.device)
 
 
 def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
@@ -52,15 +63,17 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
     g = B.shape[2]
     assert h % g == 0, f"nheads ({h}) must be divisible by ngroups ({g})"
     out_dtype = x.dtype
-    x, B, C, A = x.float(), B.float(), C.float(), A.float()
+    x, B, C, A = x.float(), B.float(), C.float(), A.float()  # no-ops (no copy) on fp32 inputs
 
-    # dt as the kernel computes it: + bias, softplus (threshold 20, as the kernel), clamp to dt_limit
+    # dt as the kernel computes it: + bias, softplus (threshold 20, as the kernel), clamp to dt_limit (after a
+    # softplus, whose output is >= 0, the default limits (0, inf) change nothing: that clamp is skipped)
     dt = dt.float()
     if dt_bias is not None:
         dt = dt + dt_bias.float()
     if dt_softplus:
         dt = F.softplus(dt)
-    dt = dt.clamp(dt_limit[0], dt_limit[1])
+    if not (dt_softplus and tuple(dt_limit) == (0.0, float("inf"))):
+        dt = dt.clamp(dt_limit[0], dt_limit[1])
 
     # Balanced chunks: c = ceil(l / chunk_size) chunks of equal size q <= chunk_size, so at most c - 1
     # padded steps (chunk_size 64: 196 -> 4 chunks of 49, 784 -> 13 of 61). Padded steps have dt = 0:
@@ -69,44 +82,50 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
     c = math.ceil(l / chunk_size)
     q = math.ceil(l / c)
     pad = c * q - l
+
+    def chunked(t, pattern, **sizes):  # (b, l, ...) -> padded to c * q steps, rearranged by pattern
+        return rearrange(F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) if pad else t, pattern, s=q, **sizes)
+
     # Heads of a group share B and C: where only B or C meets x, the group's heads (r) and headdim (p)
     # fold into one matmul dimension; only the intra-chunk mixing needs each head's own decay matrix.
-    xdt = rearrange(F.pad(x * dt[..., None], (0, 0, 0, 0, 0, pad)), "b (c s) (g r) p -> b g c s r p", s=q, g=g)
-    Bc, Cc = (rearrange(F.pad(t, (0, 0, 0, 0, 0, pad)), "b (c s) g n -> b g c s n", s=q) for t in (B, C))
-    dA = rearrange(F.pad(dt * A, (0, 0, 0, pad)), "b (c s) (g r) -> b g r c s", s=q, g=g)
-    dA_cs = torch.cumsum(dA, dim=-1)  # (b, g, r, c, s)
+    xdt = chunked(x * dt[..., None], "b (c s) (g r) p -> b g c s r p", g=g)
+    Bc, Cc = (chunked(t, "b (c s) g n -> b g c s n") for t in (B, C))
+    dA_cs = torch.cumsum(chunked(dt * A, "b (c s) (g r) -> b g r c s", g=g), dim=-1)  # (b, g, r, c, s)
 
     # 1. Intra-chunk output (diagonal blocks): y = (C B^T o L) (x dt), L[t, s] = exp(dA_cs[t] - dA_cs[s]) for
     # s <= t. Inside one chunk the difference of cumsums is accurate enough (the official kernel computes it so)
     # and costs far less than segsum's cumsum over every (t, s) pair, whose backward pass flips it twice.
     CB = Cc @ Bc.transpose(-1, -2)  # (b, g, c, t, s)
-    causal = torch.tril(torch.ones(q, q, dtype=torch.bool, device=x.device))
-    L = torch.exp((dA_cs[..., :, None] - dA_cs[..., None, :]).masked_fill(~causal, -torch.inf))
+    L = torch.exp(dA_cs[..., :, None] - dA_cs[..., None, :] + causal_bias(q, x.device))
     scores = CB[:, :, None] * L  # (b, g, r, c, t, s)
-    y_diag = scores @ rearrange(xdt, "b g c s r p -> b g r c s p")  # (b, g, r, c, t, p)
+    y = scores @ rearrange(xdt, "b g c s r p -> b g r c s p")  # (b, g, r, c, t, p)
 
-    # 2. Each chunk's final state from its own inputs (right factor of the off-diagonal blocks)
-    decay_states = rearrange(torch.exp(dA_cs[..., -1:] - dA_cs), "b g r c s -> b g c s r 1")
-    states = rearrange(xdt * decay_states, "b g c s r p -> b g c (r p) s") @ Bc  # (b, g, c, rp, n)
+    # 2.-4. The states carried across chunks (off-diagonal blocks): nothing to add when a single chunk starts
+    # from zero and its final state is not asked for (49 tokens in one chunk of 64: the image model's case)
+    if c > 1 or initial_states is not None or return_final_states:
+        # 2. Each chunk's final state from its own inputs (right factor of the off-diagonal blocks)
+        decay_states = rearrange(torch.exp(dA_cs[..., -1:] - dA_cs), "b g r c s -> b g c s r 1")
+        states = rearrange(xdt * decay_states, "b g c s r p -> b g c (r p) s") @ Bc  # (b, g, c, rp, n)
 
-    # 3. Inter-chunk recurrence: the true state at every chunk boundary (middle factor)
-    states = rearrange(states, "b g c (r p) n -> b g r c p n", p=p)
-    if initial_states is None:
-        init = torch.zeros_like(states[:, :, :, :1])
-    else:
-        init = rearrange(initial_states.float(), "b (g r) p n -> b g r 1 p n", g=g)
-    states = torch.cat([init, states], dim=3)  # (b, g, r, c+1, p, n)
-    decay_chunk = torch.exp(segsum(F.pad(dA_cs[..., -1], (1, 0))))  # (b, g, r, c+1, c+1)
-    states = torch.einsum("bgrzc,bgrcpn->bgrzpn", decay_chunk, states)
-    states, final_states = states[:, :, :, :-1], states[:, :, :, -1]
+        # 3. Inter-chunk recurrence: the true state at every chunk boundary (middle factor)
+        states = rearrange(states, "b g c (r p) n -> b g r c p n", p=p)
+        if initial_states is None:
+            init = torch.zeros_like(states[:, :, :, :1])
+        else:
+            init = rearrange(initial_states.float(), "b (g r) p n -> b g r 1 p n", g=g)
+        states = torch.cat([init, states], dim=3)  # (b, g, r, c+1, p, n)
+        decay_chunk = torch.exp(segsum(F.pad(dA_cs[..., -1], (1, 0))))  # (b, g, r, c+1, c+1)
+        states = torch.einsum("bgrzc,bgrcpn->bgrzpn", decay_chunk, states)
+        states, final_states = states[:, :, :, :-1], states[:, :, :, -1]
 
-    # 4. State -> output inside each chunk (left factor)
-    y_off = Cc @ rearrange(states, "b g r c p n -> b g c n (r p)")  # (b, g, c, t, rp)
-    y_off = rearrange(y_off, "b g c t (r p) -> b g r c t p", p=p) * torch.exp(dA_cs)[..., None]
+        # 4. State -> output inside each chunk (left factor)
+        y_off = Cc @ rearrange(states, "b g r c p n -> b g c n (r p)")  # (b, g, c, t, rp)
+        y = y + rearrange(y_off, "b g c t (r p) -> b g r c t p", p=p) * torch.exp(dA_cs)[..., None]
 
-    y = rearrange(y_diag + y_off, "b g r c t p -> b (c t) (g r) p")[:, :l]
+    y = rearrange(y, "b g r c t p -> b (c t) (g r) p")[:, :l]
     if D is not None:
-        y = y + x * (D.float()[:, None] if D.dim() == 1 else D.float())
+        # x D first: the sum takes x's (b, l, h, p) layout, so the caller's (b, l, h*p) view copies nothing
+        y = x * (D.float()[:, None] if D.dim() == 1 else D.float()) + y
     if z is not None:
         y = y * F.silu(z.float())
     y = y.to(out_dtype)
@@ -153,9 +172,12 @@ def rmsnorm_fn(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_before_g
     x = x.float()
     if z is not None and not norm_before_gate:
         x = x * F.silu(z.float())
-    xg = rearrange(x, "... (g d) -> ... g d", d=group_size or x.shape[-1])
-    out = rearrange(xg * torch.rsqrt(xg.square().mean(-1, keepdim=True) + eps), "... g d -> ... (g d)")
-    out = out * weight.float()
+    d = group_size or x.shape[-1]
+    if d == x.shape[-1]:  # one group: the weight goes inside the norm (one op; fused on GPUs)
+        out = F.rms_norm(x, (d,), weight.float(), eps)
+    else:
+        xg = rearrange(x, "... (g d) -> ... g d", d=d)
+        out = rearrange(F.rms_norm(xg, (d,), eps=eps), "... g d -> ... (g d)") * weight.float()
     if bias is not None:
         out = out + bias.float()
     if z is not None and norm_before_gate:

@@ -314,10 +314,12 @@ class VisionMambaBlock(nn.Module):
         t = rearrange(x, "b c h w -> b (h w) c")  # (B, L, C), row-major
         u = rearrange(self.norm(t).index_select(1, steps), "b (k l) c -> b k l c", k=k) + self.direction_embed[:, None]
         y = self.mixer(rearrange(u, "b k l c -> (b k) l c"))  # (B*k, L, C)
-        # each step's output added back onto the token it read, then averaged over the k directions (an index_add:
-        # several times faster on a CPU than gathering each direction back into grid order)
-        y = torch.zeros_like(t).index_add(1, steps, rearrange(y, "(b k) l c -> b (k l) c", k=k)) / k
-        return rearrange(t + self.drop_path(y), "b (h w) c -> b c h w", h=h, w=w)
+        # each step's output added back onto the token it read (an index_add: several times faster on a CPU than
+        # gathering each direction back into grid order), averaged over the k directions, onto the residual stream:
+        # one op. Stochastic depth scales each image's outputs, all directions alike, before they are summed. (The
+        # mixer's output is cast to the stream's dtype: under autocast it is bf16, the stream fp32.)
+        y = self.drop_path(rearrange(y, "(b k) l c -> b (k l) c", k=k).to(t.dtype))  # (B, k*L, C)
+        return rearrange(t.index_add(1, steps, y, alpha=1 / k), "b (h w) c -> b c h w", h=h, w=w)
 
 
 def classifier_head(c):

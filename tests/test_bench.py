@@ -25,7 +25,7 @@ def test_every_section_runs_into_one_json(data_dir, tmp_path):
     proc = run_script("bench.py", "--data-dir", data_dir, "--device", "cpu", "--json", out, "--plot", plot, *TINY)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert list(report["sections"]) == ["models", "scaling", "ssd", "train", "eval"]
+    assert list(report["sections"]) == ["models", "scaling", "ssd", "train", "eval", "ops"]
     assert report["command"].startswith("python bench.py --data-dir") and report["machine"]["threads"] >= 1
     if not HAS_MAMBA_SSM:
         assert "skipped" in report["sections"].pop("ssd") and "ssd: skipped" in proc.stdout
@@ -42,6 +42,10 @@ def test_every_section_runs_into_one_json(data_dir, tmp_path):
     assert "| Vision Mamba 2 (--patch-size 2) | portable | eager | 489,194 | fp32 | 2 |" in proc.stdout
     assert {r["mode"] for r in models} == {"eager"}
     assert {r["model"] for r in report["sections"]["scaling"]} == {"Mamba-2", "attention"}
+    ops = report["sections"]["ops"]
+    assert [r["model"].split(" (")[0] for r in ops] == ["Vision Mamba 2", "sequential Mamba 2", "CNN", "ViT"]
+    assert all(r["batch"] == 2 and r["ops_per_step"] > 0 for r in ops)
+    assert "| Vision Mamba 2 | 475,498 | 2 |" in proc.stdout
     assert plot.stat().st_size > 0
 
 
@@ -79,7 +83,7 @@ def test_a_row_that_runs_out_of_memory_says_so_and_the_rest_still_run(tmp_path, 
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["nonsense"], "unknown section 'nonsense': choose from models, scaling, ssd, train, eval"),
+    (["nonsense"], "unknown section 'nonsense': choose from models, scaling, ssd, train, eval, ops"),
     (["--repeats", "0"], "--repeats"),
     (["train", "--data-dir", "{empty}"], "error: "),
 ])

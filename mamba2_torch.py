@@ -7,6 +7,11 @@ duality) layer is computed by the chunked algorithm of the Mamba-2 paper (Dao & 
 within a chunk the SSM is a masked "attention" matrix (quadratic, matmul-friendly); across chunks only
 the (headdim x d_state) states are carried by a short recurrence. No Python loop over time steps.
 
+The same layer has two other exact forms (the "duality"), for looking inside it: `ssd_matrix` writes the whole
+sequence map as one lower-triangular (l x l) matrix per head, y = M x + D x with M = L o (C B^T), an attention
+matrix whose mask L holds the decays; `Mamba2.step` runs the recurrence one token at a time on a fixed-size
+state, as mamba_ssm's inference does.
+
 Notation (as in the paper and mamba_ssm): b batch, l length, h heads, p headdim, g groups, n d_state,
 c chunks, s/t positions inside a chunk.
 """
@@ -16,7 +21,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 
 
 def segsum(x):
@@ -110,6 +115,34 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
     return y
 
 
+def discretize_dt(dt, dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf"))):
+    """dt as mamba_chunk_scan_combined uses it, in fp32: + dt_bias, softplus (threshold 20, as the kernels), clamped
+    to dt_limit. For ssd_matrix and Mamba2.step."""
+    # dt : (..., h)
+    dt = dt.float()
+    if dt_bias is not None:
+        dt = dt + dt_bias.float()
+    if dt_softplus:
+        dt = F.softplus(dt)
+    return dt.clamp(dt_limit[0], dt_limit[1])
+
+
+def ssd_matrix(dt, A, B, C, *, dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf"))):
+    """The SSD as one matrix per head (state space duality): the M with y[b, i, h] = sum_j M[b, h, i, j] x[b, j, h]
+    (+ D x), y as mamba_chunk_scan_combined computes it from the same arguments (without z).
+
+    dt: (b, l, h)  A: (h,)  B, C: (b, l, g, n), shared by the h/g heads of a group.  Returns M (b, h, l, l), fp32:
+    M = L o (C B^T), L[i, j] = exp(dA_{j+1} + ... + dA_i) dt_j with dA = dt A, zero above the diagonal (causal).
+    A masked attention matrix whose "softmax" is the decay mask L. Quadratic in l: for looking, not for computing.
+    """
+    g = B.shape[2]
+    dt = discretize_dt(dt, dt_bias, dt_softplus, dt_limit)  # (b, l, h)
+    # segsum, not a difference of cumsums: exact for decays over the whole sequence (exp(-inf) = 0 above it)
+    L = torch.exp(segsum(rearrange(dt * A.float(), "b l h -> b h l"))) * rearrange(dt, "b l h -> b h 1 l")
+    CB = torch.einsum("bign,bjgn->bgij", C.float(), B.float())  # (b, g, l, l)
+    return L * repeat(CB, "b g i j -> b (g r) i j", r=dt.shape[-1] // g)
+
+
 def rmsnorm_fn(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_before_gate=True):
     """Gated RMSNorm with the convention of mamba_ssm.ops.triton.layernorm_gated.rmsnorm_fn.
 
@@ -186,6 +219,54 @@ class Mamba2(nn.Module):
 
     def forward(self, u):
         return self.mix(u, scan=mamba_chunk_scan_combined, gated_norm=rmsnorm_fn)
+
+    def allocate_inference_cache(self, batch_size, max_seqlen, dtype=None, **kwargs):
+        """Zero states for step(), as mamba_ssm's: conv_state (B, conv_dim, d_conv), the last d_conv inputs of the
+        conv (a transposed view, laid out in memory as mamba_ssm's), and ssm_state (B, h, p, n).
+        Their size does not depend on max_seqlen (kept for the calling convention)."""
+        device = self.out_proj.weight.device
+        conv_state = torch.zeros(batch_size, self.d_conv, self.conv_dim, device=device,
+                                 dtype=dtype or self.conv1d.weight.dtype).transpose(1, 2)
+        ssm_state = torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device,
+                                dtype=dtype or self.in_proj.weight.dtype)
+        return conv_state, ssm_state
+
+    def step(self, hidden_states, conv_state, ssm_state):
+        """The recurrent form: one token in, one out, with mamba_ssm's Mamba2.step convention. The states (from
+        allocate_inference_cache) are updated in place and returned; stepping through a sequence gives forward()'s
+        outputs one at a time, in memory constant in the length. dt_limit and D_has_hdim act as in forward
+        (mamba_ssm 2.3's step ignores the first and rejects the second)."""
+        # hidden_states : (b, 1, d_model)  conv_state : (b, conv_dim, d_conv)  ssm_state : (b, h, p, n)
+        z, xBC, dt = torch.split(self.in_proj(hidden_states[:, 0]), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        # the causal conv at the newest position: slide the window of the last d_conv inputs, apply the kernel
+        conv_state.copy_(torch.cat([conv_state[..., 1:], xBC[..., None]], dim=-1))
+        xBC = F.silu(F.conv1d(conv_state.to(xBC.dtype), self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim))
+        x, B, C = torch.split(xBC[..., 0], [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state],
+                              dim=-1)
+        x = rearrange(x, "b (h p) -> b h p", p=self.headdim).float()
+        r = self.nheads // self.ngroups  # the heads of a group share B and C
+        B, C = (repeat(t.float(), "b (g n) -> b (g r) n", g=self.ngroups, r=r) for t in (B, C))
+        dt = discretize_dt(dt, self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit)  # (b, h)
+        # h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T,  y_t = h_t C_t + D x_t  (in fp32, as the scan)
+        decay = torch.exp(dt * -torch.exp(self.A_log.float()))[..., None, None]  # (b, h, 1, 1)
+        ssm_state.copy_(decay * ssm_state + torch.einsum("bh,bhp,bhn->bhpn", dt, x, B))
+        y = torch.einsum("bhpn,bhn->bhp", ssm_state.float(), C)
+        y = y + x * (rearrange(self.D, "(h p) -> h p", p=self.headdim) if self.D_has_hdim else self.D[:, None])
+        y = rearrange(y, "b h p -> b (h p)").to(hidden_states.dtype)
+        y = self.norm(y, z) if self.rmsnorm else y * F.silu(z)
+        return self.out_proj(y)[:, None], conv_state, ssm_state
+
+    def ssd_matrix(self, u):
+        """This layer's SSD matrix M (b, h, l, l) on input u (see the function ssd_matrix): x, dt, B and C come from u
+        as in mix(), and the scan's output is y[:, i, h] = sum_j M[:, h, i, j] x[:, j, h] + D x[:, i, h]."""
+        # u : (b, l, d_model)
+        l = u.shape[1]
+        _, xBC, dt = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        xBC = F.silu(self.conv1d(xBC.transpose(1, 2))[..., :l].transpose(1, 2))
+        _, B, C = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        B, C = (rearrange(t, "b l (g n) -> b l g n", g=self.ngroups) for t in (B, C))
+        return ssd_matrix(dt, -torch.exp(self.A_log.float()), B, C, dt_bias=self.dt_bias, dt_softplus=True,
+                          dt_limit=self.dt_limit)
 
     def mix(self, u, *, scan, gated_norm):
         """The Mamba-2 forward with the SSD `scan` and `gated_norm` functions given (portable or official)."""

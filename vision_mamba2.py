@@ -439,6 +439,31 @@ class SequentialMamba2(nn.Module):
         x = x.mean(dim=1) if self.config.readout == "mean" else x[:, -1]  # (B, D)
         return self.head(x)  # (B, num_classes)
 
+    @torch.no_grad()
+    def step_logits(self, x, *, at=None):
+        """The class logits while reading, pixel by pixel: a generator of (t, logits (B, num_classes)) after t steps,
+        for t = 1..L or only the step counts in `at`. Each block runs Mamba2.step (the pure-PyTorch twin's, on any
+        device), without gradients, so memory does not grow with t. The readout so far is the mean of the normed
+        features of steps 1..t, or step t's. In eval mode, the logits at t = L are forward(x)'s."""
+        # x : (B, in_chans, H, W)
+        self.config.check_input(x.shape)
+        L = self.config.seq_len
+        steps = set(range(1, L + 1))
+        at = steps if at is None else set(at)
+        if not at or not at <= steps:
+            raise ValueError(f"at must be step counts in 1..{L}, got {sorted(at - steps) or 'none'}")
+        pixels = rearrange(x, "b c h w -> b (h w) c")[:, self.permutation]  # (B, L, C), in reading order
+        states = [block.mixer.allocate_inference_cache(len(x), L) for block in self.blocks]
+        total = 0
+        for t in range(1, max(at) + 1):
+            h = self.embed(pixels[:, t - 1:t])  # (B, 1, D)
+            for block, (conv_state, ssm_state) in zip(self.blocks, states):
+                h = h + block.drop_path(block.mixer.step(block.norm(h), conv_state, ssm_state)[0])
+            f = self.norm(h[:, 0])  # (B, D)
+            total = total + f
+            if t in at:
+                yield t, self.head(total / t if self.config.readout == "mean" else f)
+
 
 def create_vision_mamba2_model(**config):
     """VisionMamba2 from config fields (see VisionMamba2Config); the defaults give ~475K parameters."""

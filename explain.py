@@ -4,13 +4,19 @@ reading curves. Each takes a model rebuilt by test_model.build_model and writes 
 
     your own pictures   prepared as MNIST was made (grayscale, ink bright on black, cropped, scaled into a 20x20
                         box, centred by its centre of mass in 28x28), classified, drawn beside what the model saw
+    hidden attention    each Vision Mamba 2 block's SSD written as one matrix over the 7x7 tokens (y = M x,
+                        M = L o C B^T: Mamba-2's state space duality), mapped back from the scan directions to
+                        the grid, drawn over test digits
 """
 
+import math
 import os
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from einops import rearrange
+from matplotlib.patches import Rectangle
 from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
@@ -164,3 +170,105 @@ def plot_pictures(shown, classes):
 def short_name(path, width=32):
     name = os.path.basename(path)
     return name if len(name) <= width else name[:width - 3] + "..."
+
+
+# ----------------------------------------------------------------------------------------------------
+# The hidden attention of Vision Mamba 2: each block's SSD as a matrix over the 7x7 tokens
+
+@torch.no_grad()
+def mixer_inputs(model, x):
+    """What each block's Mamba-2 mixer reads on images x (B, 1, H, W): a list of (B*k, L, C), "(b k) l c", the k
+    scan directions' token sequences (a forward pre-hook on block.mixer)."""
+    inputs = []
+    hooks = [block.mixer.register_forward_pre_hook(lambda mixer, args: inputs.append(args[0]))
+             for block in model.blocks]
+    try:
+        model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return inputs
+
+
+def grid_order(M, order):
+    """Step-order matrices M (B*k, ..., L, L), "(b k)", of a block whose k directions read the grid tokens `order`
+    (k, L) -> (B, k, ..., L, L) in grid order: [..., g, g'] is what token g takes from token g' (P_d^T M_d P_d)."""
+    M = rearrange(M, "(b k) ... i j -> b k ... i j", k=len(order))
+    step = order.argsort(dim=1)  # (k, L): the step at which each direction reads grid token g
+    return torch.stack([M[:, d][..., step[d], :][..., step[d]] for d in range(len(order))], dim=1)
+
+
+@torch.no_grad()
+def attention_maps(model, x):
+    """Each block's token mixing on images x: (B, num_blocks, L, L) in grid order, |M| averaged over the heads and
+    over the scan directions (the block averages its directions' outputs). Row g: how much token g takes from each
+    token; the mean over rows: how much each token feeds the mean over tokens, which the model pools."""
+    maps = [grid_order(block.mixer.ssd_matrix(u).abs().mean(dim=1), block.order).mean(dim=1)
+            for block, u in zip(model.blocks, mixer_inputs(model, x))]
+    return torch.stack(maps, dim=1).cpu()
+
+
+QUERIES = 2  # query tokens shown per digit
+
+
+def query_tokens(image, grid):
+    """The first and the last token on the ink, in reading order: two ends of the digit."""
+    patch = image.shape[-1] // grid
+    ink = rearrange(image, "(g p) (h q) -> (g h) (p q)", p=patch, q=patch).mean(axis=1)  # (L,) mean pixel
+    on_ink = np.flatnonzero(ink >= 0.5 * ink.max())
+    return sorted({int(on_ink[0]), int(on_ink[-1])})[:QUERIES]
+
+
+def plot_attention(images, titles, maps, *, name, directions):
+    """images (n, 28, 28) in [0, 1], a title each, maps (n, blocks, L, L) from attention_maps of the model in the
+    checkpoint `name`, whose blocks scan in `directions` directions: per digit a panel of rows, the pooled output's
+    shares and one per query token, with a column per block."""
+    n, blocks, L, _ = maps.shape
+    width = max(2.0 * (blocks + 1) + 1.2, 13)  # the caption's width at least
+    fig = plt.figure(figsize=(width, (1 + QUERIES) * 2.0 * n + 1.4), layout="constrained")
+    for sub, image, title, M in zip(fig.subfigures(n, 1), images, titles, maps):
+        sub.suptitle(title, fontsize=11, fontweight="bold")
+        queries = query_tokens(image, math.isqrt(L))
+        axes = sub.subplots(1 + len(queries), blocks + 2, squeeze=False,
+                            gridspec_kw={"width_ratios": [1] * (blocks + 1) + [0.07]})
+        for r, q in enumerate([None, *queries]):
+            share = M.mean(axis=1) if q is None else M[:, q]  # (blocks, L): the mean over rows, or row q
+            attention_row(axes[r], image, share / share.sum(axis=-1, keepdims=True), q)
+        for b in range(blocks):
+            axes[0, b + 1].set_title(f"block {b + 1}", fontsize=10)
+    grid = math.isqrt(L)
+    fig.suptitle(f"{name}: how each block's Mamba-2 mixes the {grid}x{grid} tokens. Its scan is $y = Mx$, one "
+                 r"matrix $M = L \circ (C B^\top)$ per head (the SSD as masked attention;" "\n"
+                 f"the short conv before it, the gate and the skip $Dx$ are not in $M$). Shown: $|M|$ averaged over "
+                 f"the heads and over the {directions} scan directions, each mapped back to the grid.\n"
+                 "Rows 'pooled output': how much each token feeds the mean over tokens (the mean of M's rows); "
+                 "'query token': what that token (green) takes from each token (its row of M).\n"
+                 f"Each map is scaled to sum to 1 over the tokens (uniform: 1/{L} = {1 / L:.3f}); one colour scale "
+                 "per row; cyan: the digit's outline.", fontsize=11)
+    return fig
+
+
+def attention_row(axes, image, share, query):
+    """One row of plot_attention: the digit, then each block's share (L,) over the token grid, the query token
+    (an index into it, or None for the pooled output) boxed, and a colour bar."""
+    grid, side = math.isqrt(share.shape[-1]), image.shape[-1]
+    patch = side / grid
+    extent = (-0.5, side - 0.5, side - 0.5, -0.5)
+    axes[0].imshow(image, cmap="gray", vmin=0, vmax=1)
+    axes[0].set_ylabel("pooled output" if query is None else "query token\n(row {}, col {})".format(
+        *(np.array(divmod(query, grid)) + 1)), fontsize=10)
+    for ax, block_share in zip(axes[1:-1], share):
+        im = ax.imshow(block_share.reshape(grid, grid), cmap="magma", vmin=0, vmax=share.max(), extent=extent,
+                       interpolation="nearest")
+        ax.contour(image, levels=[0.5], colors="cyan", linewidths=0.8)
+    for ax in axes[:-1]:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if query is not None:
+            r, c = divmod(query, grid)
+            ax.add_patch(Rectangle((c * patch - 0.5, r * patch - 0.5), patch, patch, fill=False, edgecolor="lime",
+                                   linewidth=2))
+    bar = axes[-1].figure.colorbar(im, cax=axes[-1])
+    bar.set_label("share", fontsize=9)
+    bar.ax.tick_params(labelsize=8)
+

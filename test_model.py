@@ -51,6 +51,7 @@ from vision_mamba2 import resolve_backend
 
 CHECKPOINT_KEYS = ("model", "config", "args", "dataset", "normalization")  # what every train.py checkpoint has
 YOURS = "vision_mamba2_mnist.pth"  # what `python train.py` writes in the working directory
+ATTENTION_DIGITS = 4  # test digits in --attention's figure
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained", YOURS)  # comes with the code
 
 
@@ -80,6 +81,9 @@ def build_parser():
                       help="classify your own pictures of digits instead (any size, colour or gray, a photo): the "
                            "three likeliest classes of each, and <out-dir>/my_digits.png (default: none, evaluate "
                            "the test set)")
+    mode.add_argument("--attention", action="store_true",
+                      help="instead of evaluating, draw <out-dir>/attention.png: how each block's Mamba-2 mixes the "
+                           "7x7 tokens of a few test digits (Vision Mamba 2 checkpoints)")
     return p
 
 
@@ -275,6 +279,30 @@ def classify_pictures(args, ckpt, model, device):
     return 2 if failed else 0
 
 
+def draw_attention(args, model, split, classes, norm):
+    """--attention: attention.png, for ATTENTION_DIGITS test digits of as many classes, drawn with --seed."""
+    labels = split.labels.cpu().numpy()
+    idx = of_distinct_classes(labels, args.seed, ATTENTION_DIGITS)
+    images = split.images[idx].float() / 255  # (n, 1, H, W)
+    x = (images - norm["mean"]) / norm["std"]
+    with torch.no_grad():
+        probs = model(x).float().softmax(dim=1).cpu().numpy()
+    titles = [f"test image {i}: a {classes[labels[i]]}, predicted {classes[p.argmax()]} ({p.max():.1%})"
+              for i, p in zip(idx, probs)]
+    out = os.path.join(args.out_dir, "attention.png")
+    maps = explain.attention_maps(model, x).numpy()
+    save_figure(explain.plot_attention(images[:, 0].cpu().numpy(), titles, maps, name=os.path.basename(args.checkpoint),
+                                       directions=len(model.blocks[0].order)), out)
+    print(f"wrote {out}")
+    return 0
+
+
+def of_distinct_classes(labels, seed, n):
+    """n test items of as many classes: in a random order drawn with seed, the first of each class."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+    return order[np.sort(np.unique(labels[order], return_index=True)[1])][:n]
+
+
 def class_names(dataset):
     """Short class names: MNIST's "7 - seven" is 7."""
     return [name.split(" - ")[0] for name in train.DATASETS[dataset][0].classes]
@@ -289,6 +317,9 @@ def evaluate(args):
     model = build_model(ckpt, args.checkpoint, device)
     if args.image:
         return classify_pictures(args, ckpt, model, device)
+    if args.attention and model_kind(ckpt) != ("image", "mamba2"):
+        raise UsageError(f"--attention draws Vision Mamba 2's blocks (train.py --task image --arch mamba2); "
+                         f"{args.checkpoint} holds a {'/'.join(model_kind(ckpt))} model")
     trained_on = ckpt["dataset"]
     dataset = args.dataset or trained_on
     if dataset not in train.DATASETS:
@@ -312,6 +343,8 @@ def evaluate(args):
     except ValueError:
         raise UsageError(f"the {dataset} test set holds items of shape {shape}, which this model, trained on "
                          f"{trained_on}, does not read: pass the --dataset it was trained on") from None
+    if args.attention:
+        return draw_attention(args, model, split, class_names(dataset), norm)
     try:
         probs, labels = predict(model, split)
     except torch.OutOfMemoryError:
@@ -360,6 +393,7 @@ def evaluate(args):
     report = {"checkpoint": {"path": args.checkpoint, "task": task, "arch": arch,
                              "epoch": ckpt.get("epoch"), "trained_on": trained_on},
               "dataset": dataset, **metrics}
+
     train.atomic_write(paths["metrics.json"], lambda f: f.write(json.dumps(report, indent=2).encode()))
     print(f"wrote {', '.join(paths.values())}")
     return 0

@@ -5,13 +5,17 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw
 from scipy import ndimage
 from torchvision.datasets import MNIST
 
 import explain
+import mamba2_torch
 import test_model
 from helpers import REPO
+from mamba2_torch import mamba_chunk_scan_combined
+from vision_mamba2 import SCANS, VisionMamba2, VisionMamba2Config
 from test_evaluate import checkpoint, run  # noqa: F401 (checkpoint: the tiny trained model, a fixture)
 
 
@@ -170,3 +174,57 @@ def test_without_checkpoint_yours_else_the_shipped_one(checkpoint, data_dir, tmp
     status, out, err = run([*argv, "--checkpoint", checkpoint], capsys)  # an explicit --checkpoint wins
     assert status == 0, err
     assert out.splitlines()[0].startswith(f"checkpoint {checkpoint}:")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The hidden attention: each block's SSD matrix, mapped back to the token grid
+
+def tiny_vision_mamba2(scan):
+    torch.manual_seed(0)
+    return VisionMamba2(VisionMamba2Config(d_model=16, num_blocks=2, d_state=8, headdim=8, scan=scan,
+                                           backend="portable")).eval()
+
+
+@pytest.mark.parametrize("scan", ["uni", "bi", "cross"])
+def test_the_grid_matrices_give_each_directions_scan_in_grid_order(scan, monkeypatch):
+    """M_grid[d] applied to the scan's input x laid out on the grid is the scan's output laid out on the grid, the
+    way the block puts each step's output back onto the token it read (block.order): P_d^T M_d P_d is right."""
+    model, x = tiny_vision_mamba2(scan), torch.randn(2, 1, 28, 28)
+    scans = []
+
+    def recorded(*args, **kwargs):
+        y = mamba_chunk_scan_combined(*args, **kwargs)
+        scans.append((args[0], y, kwargs["D"]))
+        return y
+    monkeypatch.setattr(mamba2_torch, "mamba_chunk_scan_combined", recorded)
+    inputs = explain.mixer_inputs(model, x)
+    assert [u.shape for u in inputs] == [(2 * SCANS[scan], 49, 16)] * 2
+    for block, u, (xs, ys, D) in zip(model.blocks, inputs, scans):
+        # xs, ys : (B*k, L, h, p) in reading order
+        M = explain.grid_order(block.mixer.ssd_matrix(u), block.order)  # (B, k, h, L, L)
+        k = len(block.order)
+        for d, order in enumerate(block.order):
+            on_grid = [torch.zeros_like(t[d::k]).index_copy(1, order, t[d::k]) for t in (xs, ys)]  # (B, L, h, p)
+            mixed = torch.einsum("bhij,bjhp->bihp", M[:, d], on_grid[0]) + D[:, None] * on_grid[0]
+            torch.testing.assert_close(mixed, on_grid[1], rtol=1e-4, atol=1e-5)
+
+
+def test_attention_maps_average_heads_and_directions():
+    model, x = tiny_vision_mamba2("bi"), torch.randn(3, 1, 28, 28)
+    maps = explain.attention_maps(model, x)
+    assert maps.shape == (3, 2, 49, 49) and (maps >= 0).all()
+    for b, (block, u) in enumerate(zip(model.blocks, explain.mixer_inputs(model, x))):
+        M = block.mixer.ssd_matrix(u).abs().mean(dim=1)  # (B*2, L, L), heads averaged, in reading order
+        forward, backward = M[0::2], M[1::2].flip(-1).flip(-2)  # the second direction reads the grid backwards
+        torch.testing.assert_close(maps[:, b], (forward + backward) / 2)
+        assert not torch.allclose(forward, forward.tril()) or torch.allclose(backward, backward.triu())
+
+
+def test_attention_draws_the_figure(checkpoint, data_dir, tmp_path, capsys):  # noqa: F811
+    status, out, err = run(["--checkpoint", checkpoint, "--data-dir", data_dir, "--out-dir", tmp_path,
+                            "--attention", "--device", "cpu"], capsys)
+    assert status == 0, err
+    assert out.splitlines()[-1] == f"wrote {tmp_path / 'attention.png'}" and "accuracy" not in out
+    with Image.open(tmp_path / "attention.png") as png:  # 4 digits x 3 rows (pooled, 2 query tokens)
+        assert png.format == "PNG" and 1000 < png.size[0] < 1600 and 2000 < png.size[1] < 4000, png.size
+    assert not (tmp_path / "metrics.json").exists()  # instead of the evaluation

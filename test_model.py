@@ -3,6 +3,11 @@ Evaluate a checkpoint of train.py on its test set: how good the model is, and wh
 
     python test_model.py                                     # vision_mamba2_mnist.pth on the MNIST test set
     python test_model.py --checkpoint fashion.pth --out-dir eval/
+    python test_model.py --image my_digit.png photo.jpg      # classify your own pictures of digits
+    python test_model.py --attention                         # how each block's Mamba-2 mixes the 7x7 tokens
+
+Without --checkpoint it evaluates ./vision_mamba2_mnist.pth, what `python train.py` writes, and where there is none
+the pretrained model that comes with the code, pretrained/vision_mamba2_mnist.pth; its first line says which.
 
 The model is rebuilt from the config stored in the checkpoint, which is read with weights_only=True: a
 checkpoint may hold tensors and plain values, never code to run. The whole test set goes through the
@@ -13,6 +18,9 @@ model once, in batches, and every output comes from those predictions:
     predictions_visualization.png   random test images with prediction, confidence and truth; mistakes in red
     confident_mistakes.png          the mistakes the model was surest of
     metrics.json                    the numbers, for scripts
+
+With --image, only your pictures: one line each (the three likeliest classes) and my_digits.png; with --attention,
+only attention.png (explain.py makes both figures).
 """
 
 import dataclasses
@@ -34,16 +42,24 @@ from sklearn.metrics import accuracy_score, classification_report, confusion_mat
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import explain
 import train
 from train import UsageError
 from vision_mamba2 import count_params, describe_backend, resolve_backend
+
+YOURS = "vision_mamba2_mnist.pth"  # what `python train.py` writes in the working directory
+ATTENTION_DIGITS = 4  # test digits in --attention's figure
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained", YOURS)  # comes with the code
+
 
 def build_parser():
     p = train.Parser(prog="test_model.py", formatter_class=train.HelpFormatter,
                      description="Evaluate a train.py checkpoint on the whole test set: accuracy, per-class accuracy, "
                                  "classification report, confusion matrix, sample predictions and the most confident "
                                  "mistakes (PNG files), and metrics.json.")
-    p.add_argument("--checkpoint", default="vision_mamba2_mnist.pth", help="a checkpoint written by train.py")
+    p.add_argument("--checkpoint", default=None,
+                   help=f"a checkpoint written by train.py (default: ./{YOURS}, what python train.py writes, if "
+                        f"there is one, else the pretrained model that comes with the code, pretrained/{YOURS})")
     p.add_argument("--data-dir", default="./data",
                    help="torchvision root: <data-dir>/MNIST/raw/ or <data-dir>/FashionMNIST/raw/")
     p.add_argument("--dataset", choices=list(train.DATASETS), default=None,
@@ -57,6 +73,14 @@ def build_parser():
     p.add_argument("--num-samples", type=train.int_at_least(1), default=25,
                    help="images in each grid: random test images, and the most confident mistakes")
     p.add_argument("--seed", type=train.int_at_least(0), default=0, help="picks the random test images shown")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--image", nargs="+", metavar="PATH",
+                      help="classify your own pictures of digits instead (any size, colour or gray, a photo): the "
+                           "three likeliest classes of each, and <out-dir>/my_digits.png (default: none, evaluate "
+                           "the test set)")
+    mode.add_argument("--attention", action="store_true",
+                      help="instead of evaluating, draw <out-dir>/attention.png: how each block's Mamba-2 mixes the "
+                           "7x7 tokens of a few test digits (Vision Mamba 2 checkpoints)")
     return p
 
 
@@ -66,6 +90,18 @@ def shorten(e):
 
 # ----------------------------------------------------------------------------------------------------
 # Checkpoint and model
+
+def default_checkpoint():
+    """--checkpoint's default and the line that says which it is: yours if python train.py wrote one here, else
+    the pretrained one that comes with the code."""
+    if os.path.exists(YOURS):
+        return YOURS, f"using your {YOURS} (written by python train.py; pass --checkpoint to use another)"
+    if os.path.exists(SHIPPED):
+        return SHIPPED, (f"using the pretrained model that comes with the code, {SHIPPED} (there is no {YOURS} "
+                         f"here: python train.py writes one, which is then used)")
+    raise UsageError(f"no checkpoint: there is no {YOURS} here (train one with `python train.py`) nor a pretrained "
+                     f"model at {SHIPPED}: pass --checkpoint PATH")
+
 
 def model_kind(ckpt):
     return ckpt["args"]["task"], ckpt["args"]["arch"]
@@ -188,10 +224,73 @@ def tile_titles(idx, preds, confidence, labels, classes):
 # ----------------------------------------------------------------------------------------------------
 # Main
 
+def classify_pictures(args, ckpt, model, device):
+    """--image: each picture prepared as MNIST was made, one line of its three likeliest classes, and one figure;
+    a file that is no picture of a digit is one line on stderr and exit status 2, after the others are answered."""
+    if model_kind(ckpt)[0] != "image" or ckpt["dataset"] in train.SEQUENCE_DATASETS:
+        raise UsageError(f"--image needs an image classifier (train.py --task image); {args.checkpoint} reads "
+                         f"{ckpt['dataset']} {model_kind(ckpt)[0]} sequences")
+    norm, classes = ckpt["normalization"], class_names(ckpt["dataset"])
+    shown, failed = [], 0
+    for path in args.image:
+        try:
+            given, gray = explain.load_picture(path)
+            digit = explain.mnist_like(gray)
+        except explain.BadPicture as e:
+            print(f"error: {path}: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        probs = explain.classify(model, [digit], norm["mean"], norm["std"], device)[0]
+        print(explain.top3_line(path, probs, classes))
+        shown.append((path, given, digit, probs))
+    if shown:
+        out = os.path.join(args.out_dir, "my_digits.png")
+        save_figure(explain.plot_pictures(shown, classes), out)
+        print(f"wrote {out}")
+    return 2 if failed else 0
+
+
+def draw_attention(args, model, split, classes, norm):
+    """--attention: attention.png, for ATTENTION_DIGITS test digits of as many classes, drawn with --seed."""
+    labels = split.labels.cpu().numpy()
+    idx = of_distinct_classes(labels, args.seed, ATTENTION_DIGITS)
+    images = split.images[idx].float() / 255  # (n, 1, H, W)
+    x = (images - norm["mean"]) / norm["std"]
+    with torch.no_grad():
+        probs = model(x).float().softmax(dim=1).cpu().numpy()
+    titles = [f"test image {i}: a {classes[labels[i]]}, predicted {classes[p.argmax()]} ({p.max():.1%})"
+              for i, p in zip(idx, probs)]
+    out = os.path.join(args.out_dir, "attention.png")
+    maps = explain.attention_maps(model, x).numpy()
+    save_figure(explain.plot_attention(images[:, 0].cpu().numpy(), titles, maps, name=os.path.basename(args.checkpoint),
+                                       directions=len(model.blocks[0].order)), out)
+    print(f"wrote {out}")
+    return 0
+
+
+def of_distinct_classes(labels, seed, n):
+    """n test items of as many classes: in a random order drawn with seed, the first of each class."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+    return order[np.sort(np.unique(labels[order], return_index=True)[1])][:n]
+
+
+def class_names(dataset):
+    """Short class names: MNIST's "7 - seven" is 7."""
+    return [name.split(" - ")[0] for name in train.DATASETS[dataset][0].classes]
+
+
 def evaluate(args):
+    if args.checkpoint is None:
+        args.checkpoint, which = default_checkpoint()
+        print(which)
     ckpt = train.load_checkpoint(args.checkpoint)
     device = train.resolve_device(args.device)
     model = build_model(ckpt, args.checkpoint, device)
+    if args.image:
+        return classify_pictures(args, ckpt, model, device)
+    if args.attention and model_kind(ckpt) != ("image", "mamba2"):
+        raise UsageError(f"--attention draws Vision Mamba 2's blocks (train.py --task image --arch mamba2); "
+                         f"{args.checkpoint} holds a {'/'.join(model_kind(ckpt))} model")
     trained_on = ckpt["dataset"]
     dataset = args.dataset or trained_on
     if dataset not in train.DATASETS:
@@ -214,6 +313,8 @@ def evaluate(args):
     except ValueError:
         raise UsageError(f"the {dataset} test set holds items of shape {shape}, which this model, trained on "
                          f"{trained_on}, does not read: pass the --dataset it was trained on") from None
+    if args.attention:
+        return draw_attention(args, model, split, class_names(dataset), norm)
     try:
         probs, labels = predict(model, split)
     except torch.OutOfMemoryError:
@@ -262,6 +363,7 @@ def evaluate(args):
     report = {"checkpoint": {"path": args.checkpoint, "task": task, "arch": arch,
                              "epoch": ckpt["epoch"], "trained_on": trained_on},
               "dataset": dataset, **metrics}
+
     train.atomic_write(paths["metrics.json"], lambda f: f.write(json.dumps(report, indent=2).encode()))
     print(f"wrote {', '.join(paths.values())}")
     return 0

@@ -1,0 +1,230 @@
+"""explain.py through test_model.py: your own pictures prepared as MNIST was made (--image), the default checkpoint
+(yours, else the pretrained one), and the figures of what the model does. Pictures are made here with PIL."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from scipy import ndimage
+from torchvision.datasets import MNIST
+
+import explain
+import mamba2_torch
+import test_model
+from helpers import REPO
+from mamba2_torch import mamba_chunk_scan_combined
+from vision_mamba2 import SCANS, VisionMamba2, VisionMamba2Config
+from test_evaluate import checkpoint, run  # noqa: F401 (checkpoint: the tiny trained model, a fixture)
+
+
+SEVEN = [(66, 42), (160, 42), (92, 182)]  # a polyline on a 224x224 canvas
+
+
+def drawn_seven():
+    """An MNIST-like 7 (28, 28) in [0, 1]: drawn 8x larger with a pen of MNIST's width, shrunk with antialiasing."""
+    im = Image.new("L", (224, 224))
+    ImageDraw.Draw(im).line(SEVEN, fill=255, width=20, joint="curve")  # 20 pixels tall once shrunk
+    return np.asarray(im.resize((28, 28), Image.Resampling.BOX)) / 255
+
+
+def synthetic_test_digit(data_dir):
+    """conftest.py's first synthetic test image of class 4 or more (a bright square of side 12 or more on a noisy
+    canvas; the smaller ones are a few pixels, no digit) in [0, 1]."""
+    test = MNIST(data_dir, train=False)
+    return test.data[int(np.flatnonzero(test.targets >= 4)[0])].numpy() / 255
+
+
+def as_photo(digit, style, rng):
+    """digit (28, 28), ink bright on black, as someone might hand it over: 9x larger, off-centre on a big canvas."""
+    big = np.asarray(Image.fromarray((255 * digit).astype(np.uint8)).resize((252, 252), Image.Resampling.BICUBIC))
+    ink = np.zeros((480, 640))
+    ink[200:452, 30:282] = big / 255
+    if style == "light on dark":  # chalk on a blackboard: no inversion
+        return Image.fromarray((40 + 200 * ink).astype(np.uint8)).convert("RGB")
+    if style == "transparent":  # black ink on a transparent layer (whose hidden colour is black too)
+        return Image.fromarray(np.stack([np.zeros_like(ink)] * 3 + [255 * ink], -1).astype(np.uint8), "RGBA")
+    paper = np.full_like(ink, 235.0)
+    if style == "lit from one side":  # a phone photo: the paper darker towards one edge, and grainy
+        paper = 140 + 110 * np.linspace(0, 1, 640)[None] + rng.normal(0, 4, ink.shape)
+    picture = paper * (1 - 0.85 * ink)
+    if style == "specks":  # crumbs on the paper
+        for r, c in rng.integers(20, 460, (6, 2)):
+            picture[r:r + 3, c + 300:c + 303] = 30
+    rgb = np.stack([picture, 0.95 * picture, 0.9 * picture], -1)  # yellowish paper, bluish ink
+    return Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
+
+
+def centred(x):
+    """x moved (subpixel) so that its centre of mass is at (14, 14): the prepared digits, compared alike."""
+    return ndimage.shift(x, np.array([14, 14]) - ndimage.center_of_mass(x), order=1)
+
+
+@pytest.mark.parametrize("style", ["dark on white", "light on dark", "transparent", "lit from one side", "specks"])
+@pytest.mark.parametrize("source", ["drawn seven", "test image"])
+def test_a_picture_prepares_to_its_mnist_digit(source, style, data_dir, tmp_path):
+    digit = drawn_seven() if source == "drawn seven" else synthetic_test_digit(data_dir)
+    path = tmp_path / "photo.png"
+    as_photo(digit, style, np.random.default_rng(0)).save(path)
+    given, gray = explain.load_picture(path)
+    assert given.shape == (480, 640, 3) and gray.shape == (480, 640)
+    prepared, reference = explain.mnist_like(gray), explain.mnist_like(digit)
+    assert prepared.shape == (28, 28) and prepared.min() >= 0 and prepared.max() <= 1
+    assert np.allclose(ndimage.center_of_mass(prepared), 14, atol=0.5)  # centred by its centre of mass
+    rows, cols = np.nonzero(prepared > 0.05)
+    assert max(np.ptp(rows), np.ptp(cols)) + 1 in (20, 21)  # in the 20x20 box (antialiasing may bleed a pixel)
+    prepared, reference = centred(prepared), centred(reference)
+    assert np.abs(prepared - reference).mean() < 0.05
+    assert np.corrcoef(prepared.ravel(), reference.ravel())[0, 1] > 0.98
+
+
+def test_an_mnist_digit_stays_itself():
+    # a digit as mnist_like makes it (as MNIST's are) is already cropped, 20 pixels tall and centred: it stays itself
+    digit = explain.mnist_like(drawn_seven())
+    assert np.abs(explain.mnist_like(digit) - digit).mean() < 0.005
+
+
+def test_a_thin_pen_on_a_big_photo_is_thickened():
+    im = Image.new("L", (1200, 1200), 230)
+    ImageDraw.Draw(im).line([(5 * x, 5 * y) for x, y in SEVEN], fill=20, width=6)  # drawn_seven's pen: 100
+    prepared = explain.mnist_like(np.asarray(im) / 255)
+    reference = explain.mnist_like(drawn_seven())
+    # strokes as bright and nearly as many as the 7's in MNIST's pen (unthickened: a hairline of under 0.5)
+    assert 0.5 < (prepared > 0.5).sum() / (reference > 0.5).sum() < 1.5
+    blurred = [ndimage.gaussian_filter(centred(x), 1).ravel() for x in (prepared, reference)]
+    assert np.corrcoef(*blurred)[0, 1] > 0.7  # and the same 7, but for a pixel here and there
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: p.write_text("not a picture\n"), "not an image"),
+    (lambda p: Image.new("RGB", (80, 60), "white").save(p), "no ink"),
+    (lambda p: Image.fromarray(np.random.default_rng(0).normal(200, 3, (60, 80)).astype(np.uint8)).save(p),
+     "no ink"),  # grainy paper
+    (lambda p: Image.fromarray((np.linspace(80, 230, 80)[None] + np.random.default_rng(0).normal(0, 3, (60, 80)))
+                               .astype(np.uint8)).save(p), "no ink"),  # a blank sheet lit from one side
+    (lambda p: None, "cannot be read"),
+])
+def test_no_digit_is_a_bad_picture(make, message, tmp_path):
+    path = tmp_path / "bad.png"
+    make(path)
+    with pytest.raises(explain.BadPicture, match=message):
+        explain.mnist_like(explain.load_picture(path)[1])
+
+
+def test_image_answers_each_picture_and_draws_them(checkpoint, tmp_path, capsys):  # noqa: F811
+    Image.fromarray((255 * (1 - drawn_seven())).astype(np.uint8)).resize((280, 280)).save(tmp_path / "seven.png")
+    (tmp_path / "notes.txt").write_text("not a picture\n")
+    Image.new("RGB", (80, 60), "white").save(tmp_path / "blank.png")
+    paths = [tmp_path / "notes.txt", tmp_path / "seven.png", tmp_path / "blank.png"]
+    status, out, err = run(["--checkpoint", checkpoint, "--image", *paths, "--out-dir", tmp_path / "out",
+                            "--device", "cpu"], capsys)
+    assert status == 2
+    assert err.splitlines() == [f"error: {paths[0]}: not an image (PIL cannot read it)",
+                                f"error: {paths[2]}: no ink: the picture is one flat shade"]
+    answer, wrote = out.splitlines()
+    digits = r"(\d) \((\d+\.\d)%\)"
+    match = re.fullmatch(rf"{paths[1]}: {digits}, then {digits}, {digits}", answer)
+    assert match, answer
+    assert len({match[1], match[3], match[5]}) == 3 and float(match[2]) >= float(match[4]) >= float(match[6])
+    with Image.open(tmp_path / "out" / "my_digits.png") as png:
+        assert png.format == "PNG" and 600 < png.size[0] < 1400 and 250 < png.size[1] < 600  # one row
+    assert wrote == f"wrote {tmp_path / 'out' / 'my_digits.png'}"
+
+
+def test_image_with_only_bad_pictures_draws_nothing(checkpoint, tmp_path, capsys):  # noqa: F811
+    (tmp_path / "notes.txt").write_text("not a picture\n")
+    status, out, err = run(["--checkpoint", checkpoint, "--image", tmp_path / "notes.txt", "--out-dir", tmp_path,
+                            "--device", "cpu"], capsys)
+    assert status == 2 and out == "" and err.count("\n") == 1
+    assert not (tmp_path / "my_digits.png").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The default checkpoint: yours, else the pretrained one that comes with the code
+
+def test_the_pretrained_model_lives_beside_test_model_py():
+    assert test_model.SHIPPED == str(REPO / "pretrained" / "vision_mamba2_mnist.pth")
+
+
+def test_without_checkpoint_yours_else_the_shipped_one(checkpoint, data_dir, tmp_path, capsys,  # noqa: F811
+                                                       monkeypatch):
+    work, shipped = tmp_path / "clone", tmp_path / "pretrained" / "vision_mamba2_mnist.pth"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(test_model, "SHIPPED", str(shipped))
+    argv = ["--data-dir", data_dir, "--out-dir", tmp_path / "eval", "--device", "cpu"]
+
+    status, _, err = run(argv, capsys)  # neither yours nor a shipped one
+    assert status == 2 and err.count("\n") == 1 and "no checkpoint" in err and "python train.py" in err
+
+    shipped.parent.mkdir()
+    shipped.write_bytes(checkpoint.read_bytes())
+    status, out, err = run(argv, capsys)
+    assert status == 0, err
+    assert out.splitlines()[0].startswith(f"using the pretrained model that comes with the code, {shipped}")
+    assert f"checkpoint {shipped}:" in out and "mnist test set: accuracy" in out
+
+    (work / "vision_mamba2_mnist.pth").write_bytes(checkpoint.read_bytes())  # as python train.py would write it
+    status, out, err = run(argv, capsys)
+    assert status == 0, err
+    assert out.splitlines()[0].startswith("using your vision_mamba2_mnist.pth")
+    assert "checkpoint vision_mamba2_mnist.pth:" in out
+
+    status, out, err = run([*argv, "--checkpoint", checkpoint], capsys)  # an explicit --checkpoint wins
+    assert status == 0, err
+    assert out.splitlines()[0].startswith(f"checkpoint {checkpoint}:")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The hidden attention: each block's SSD matrix, mapped back to the token grid
+
+def tiny_vision_mamba2(scan):
+    torch.manual_seed(0)
+    return VisionMamba2(VisionMamba2Config(d_model=16, num_blocks=2, d_state=8, headdim=8, scan=scan,
+                                           backend="portable")).eval()
+
+
+@pytest.mark.parametrize("scan", ["uni", "bi", "cross"])
+def test_the_grid_matrices_give_each_directions_scan_in_grid_order(scan, monkeypatch):
+    """M_grid[d] applied to the scan's input x laid out on the grid is the scan's output laid out on the grid, the
+    way the block puts each step's output back onto the token it read (block.order): P_d^T M_d P_d is right."""
+    model, x = tiny_vision_mamba2(scan), torch.randn(2, 1, 28, 28)
+    scans = []
+
+    def recorded(*args, **kwargs):
+        y = mamba_chunk_scan_combined(*args, **kwargs)
+        scans.append((args[0], y, kwargs["D"]))
+        return y
+    monkeypatch.setattr(mamba2_torch, "mamba_chunk_scan_combined", recorded)
+    inputs = explain.mixer_inputs(model, x)
+    assert [u.shape for u in inputs] == [(2 * SCANS[scan], 49, 16)] * 2
+    for block, u, (xs, ys, D) in zip(model.blocks, inputs, scans):
+        # xs, ys : (B*k, L, h, p) in reading order
+        M = explain.grid_order(block.mixer.ssd_matrix(u), block.order)  # (B, k, h, L, L)
+        k = len(block.order)
+        for d, order in enumerate(block.order):
+            on_grid = [torch.zeros_like(t[d::k]).index_copy(1, order, t[d::k]) for t in (xs, ys)]  # (B, L, h, p)
+            mixed = torch.einsum("bhij,bjhp->bihp", M[:, d], on_grid[0]) + D[:, None] * on_grid[0]
+            torch.testing.assert_close(mixed, on_grid[1], rtol=1e-4, atol=1e-5)
+
+
+def test_attention_maps_average_heads_and_directions():
+    model, x = tiny_vision_mamba2("bi"), torch.randn(3, 1, 28, 28)
+    maps = explain.attention_maps(model, x)
+    assert maps.shape == (3, 2, 49, 49) and (maps >= 0).all()
+    for b, (block, u) in enumerate(zip(model.blocks, explain.mixer_inputs(model, x))):
+        M = block.mixer.ssd_matrix(u).abs().mean(dim=1)  # (B*2, L, L), heads averaged, in reading order
+        forward, backward = M[0::2], M[1::2].flip(-1).flip(-2)  # the second direction reads the grid backwards
+        torch.testing.assert_close(maps[:, b], (forward + backward) / 2)
+        assert not torch.allclose(forward, forward.tril()) or torch.allclose(backward, backward.triu())
+
+
+def test_attention_draws_the_figure(checkpoint, data_dir, tmp_path, capsys):  # noqa: F811
+    status, out, err = run(["--checkpoint", checkpoint, "--data-dir", data_dir, "--out-dir", tmp_path,
+                            "--attention", "--device", "cpu"], capsys)
+    assert status == 0, err
+    assert out.splitlines()[-1] == f"wrote {tmp_path / 'attention.png'}" and "accuracy" not in out
+    with Image.open(tmp_path / "attention.png") as png:  # 4 digits x 3 rows (pooled, 2 query tokens)
+        assert png.format == "PNG" and 1000 < png.size[0] < 1600 and 2000 < png.size[1] < 4000, png.size
+    assert not (tmp_path / "metrics.json").exists()  # instead of the evaluation

@@ -63,6 +63,7 @@ Budgets: install 20, env 20, train-smnist 255, eval-smnist 30, train-psmnist 185
 
 import argparse
 import json
+import math
 import os
 import re
 import shlex
@@ -79,7 +80,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]  # vision_mamba2 (env), helpers 
 PY = sys.executable
 TOTAL_S = 9 * 60  # the whole command, every step included
 KILL_AFTER = 10  # seconds between a step's SIGINT and its SIGKILL
-DRY_BUDGET, DRY_TOTAL_S = 240, 30 * 60  # a dry run's per step and in all: only catch a hang on a busy CPU
+DRY_BUDGET = 240  # a dry run's per step, with no limit in all: only catches a hang, however busy the CPU
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 # the default model at a dry run's size: what is checked there is the command line and the outputs, not the model
 TINY = ["--device", "cpu", "--max-train-samples", "64", "--val-size", "32", "--batch-size", "32", "--d-model", "16",
@@ -174,7 +175,7 @@ def parse(parser, argv):
 
 
 def total(args):
-    return DRY_TOTAL_S if args.dry_run else TOTAL_S
+    return math.inf if args.dry_run else TOTAL_S
 
 
 def child_env(args):

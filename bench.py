@@ -1,8 +1,8 @@
 """
 Benchmarks, each printing a markdown table: speed and memory claims live here, never in timed tests.
 
-    python bench.py --data-dir ../shared/data               # every section (the full run is for GPUs)
-    python bench.py --quick --data-dir ../shared/data       # every section, small sizes: < 2 minutes on 2 CPU cores
+    python bench.py                                          # every section (the full run is for GPUs)
+    python bench.py --quick                                  # every section, small sizes: < 2 minutes on 2 CPU cores
     python bench.py models scaling --json bench.json        # some sections; all their rows in one JSON file
 
     models   whole-model training and inference throughput and memory: Vision Mamba 2 (7x7 tokens, and 14x14 as
@@ -238,6 +238,7 @@ def bench_models(args):
         rows.append(dict(model=name, backend=backend, mode=mode, device=str(device), dtype=amp, batch=b,
                          **measure(build, amp, b, on_device, mode)))
         torch.backends.mha.set_fastpath_enabled(fastpath)  # compile_model turned it off: eager rows keep it
+        write_json(args, "models", rows)  # row by row: a run cut short keeps what it measured
 
     # the naive pipeline: per-sample ToTensor + Normalize in a DataLoader, batch 32, fp32, one token per step
     _, mean, std = train.DATASETS["mnist"]
@@ -683,19 +684,25 @@ def machine():
                 gpu=torch.cuda.get_device_name() if cuda else None)
 
 
+def write_json(args, section, rows):
+    """--json: every section's rows so far, written at once (a later failure or timeout keeps what was measured)."""
+    args.report["sections"][section] = rows
+    if args.json:
+        train.atomic_write(args.json, lambda f: f.write(json.dumps(args.report, indent=2).encode()))
+
+
 def run(args, argv):
-    report = dict(command=" ".join(["python bench.py", *argv]), quick=args.quick, machine=machine(), sections={})
+    args.report = dict(command=" ".join(["python bench.py", *argv]), quick=args.quick, machine=machine(), sections={})
     explicit = bool(args.sections)
     for name in args.sections or SECTIONS:
         try:
-            report["sections"][name] = SECTIONS[name](args)
+            rows = SECTIONS[name](args)
         except Unavailable as e:
             if explicit:
                 raise train.UsageError(f"bench.py {name} cannot run here: {e}") from None
             print(f"\n{name}: skipped, {e}")
-            report["sections"][name] = {"skipped": str(e)}
-        if args.json:  # after every section: a later failure keeps what was measured
-            train.atomic_write(args.json, lambda f: f.write(json.dumps(report, indent=2).encode()))
+            rows = {"skipped": str(e)}
+        write_json(args, name, rows)
         sys.stdout.flush()
     if args.json:
         print(f"\nwrote {args.json}")

@@ -251,7 +251,7 @@ def describe_environment(path):
     import platform
 
     import torch
-    from vision_mamba2 import load_official_kernels, resolve_backend
+    from vision_mamba2 import describe_backend, load_official_kernels, resolve_backend
 
     def version(package):
         try:
@@ -277,7 +277,7 @@ def describe_environment(path):
         cudnn=torch.backends.cudnn.version(), triton=version("triton"), mamba_ssm=version("mamba_ssm"),
         causal_conv1d=version("causal_conv1d"), torchvision=version("torchvision"), python=platform.python_version(),
         cpus=os.cpu_count(), platform=platform.platform(),
-        device=device, backend_auto=resolve_backend("auto", device), load_official_kernels_is_none=kernels is None,
+        device=device, backend_auto=resolve_backend("auto", device), backend_auto_why=describe_backend("auto", device),
         fused_conv_scan=kernels is not None and kernels.fused is not None,  # needs causal-conv1d's CUDA build
         **{k: os.environ.get(k) for k in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "PYTHONPATH")})
     write_json(path, info)
@@ -308,7 +308,7 @@ def train_result(out, log):
     if last is None:
         return None
     best, args, speeds = load_checkpoint(out), last["args"], last["history"]["images_per_sec"]
-    said = re.search(r"backend (\w+), device", log.read_text(errors="replace")) if log.exists() else None
+    said = re.search(r"^backend: (\w+)", log.read_text(errors="replace"), re.M) if log.exists() else None
     return dict(epochs_done=last["epoch"], epochs=args["epochs"], batch_size=args["batch_size"],
                 backend=said and said.group(1),
                 mode="CUDA graphs" if args["cuda_graphs"] else "compiled" if args["compile"] else "eager",

@@ -1,6 +1,6 @@
 """
 What only a CUDA GPU can check (every test here skips without one): the official kernels against the portable
-twin on the GPU, and train.py's --cuda-graphs against eager training. When a GPU is lent, run these first:
+twin on the GPU, and train.py's --cuda-graphs against eager training. When a GPU is at hand, run these first:
 
     TRITON_INTERPRET=0 TRITON_F32_DEFAULT=ieee python -m pytest tests/test_cuda.py -q -rs
 

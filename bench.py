@@ -691,8 +691,7 @@ def write_json(args, section, rows):
         train.atomic_write(args.json, lambda f: f.write(json.dumps(args.report, indent=2).encode()))
 
 
-def run(args, argv):
-    args.report = dict(command=" ".join(["python bench.py", *argv]), quick=args.quick, machine=machine(), sections={})
+def run(args):
     explicit = bool(args.sections)
     for name in args.sections or SECTIONS:
         try:
@@ -729,6 +728,8 @@ def parse_args(argv):
         for key, value in QUICK.items():
             if key not in given:
                 setattr(args, key, value)
+    # what --json writes: the command, the machine and every section's rows (filled in as they are measured)
+    args.report = dict(command=" ".join(["python bench.py", *argv]), quick=args.quick, machine=machine(), sections={})
     return args
 
 
@@ -736,7 +737,7 @@ def main(argv=None):
     keep_freed_memory_in_process()
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    sys.exit(train.exit_status(lambda: run(args, argv)))
+    sys.exit(train.exit_status(lambda: run(args)))
 
 
 if __name__ == "__main__":

@@ -169,7 +169,7 @@ def run_cli(*args):
 def test_architecture_check_cli():
     r = run_cli("--d-model", "32", "--num-blocks", "2", "--d-state", "16", "--scan", "cross", "--local-conv")
     assert r.returncode == 0, r.stderr
-    assert "backend in use: portable" in r.stdout and "local_conv   True" in r.stdout
+    assert "backend: portable" in r.stdout and "local_conv   True" in r.stdout
     assert "parameters:" in r.stdout and "blocks.1" in r.stdout
     assert "(4, 32, 7, 7)" in r.stdout and "forward + backward OK" in r.stdout
 

@@ -7,6 +7,8 @@ reading curves. Each takes a model rebuilt by test_model.build_model and writes 
     hidden attention    each Vision Mamba 2 block's SSD written as one matrix over the 7x7 tokens (y = M x,
                         M = L o C B^T: Mamba-2's state space duality), mapped back from the scan directions to
                         the grid, drawn over test digits
+    reading             a sequential model's recurrent form (Mamba2.step): the class probabilities after each
+                        pixel read, and the test accuracy after a quarter, half, ... of the pixels
 """
 
 import math
@@ -19,6 +21,7 @@ from einops import rearrange
 from matplotlib.patches import Rectangle
 from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
+from tqdm import tqdm
 
 BOX, SIZE = 20, 28  # MNIST: each digit scaled into a 20x20 box, its centre of mass put at the centre of 28x28
 MAX_SIDE = 1024  # pictures are shrunk to this first: a phone photo's 4000 pixels add nothing but time
@@ -272,3 +275,67 @@ def attention_row(axes, image, share, query):
     bar.set_label("share", fontsize=9)
     bar.ax.tick_params(labelsize=8)
 
+
+# ----------------------------------------------------------------------------------------------------
+# Reading pixel by pixel: a sequential model's recurrent form
+
+@torch.no_grad()
+def accuracy_while_reading(model, split, steps):
+    """A SequentialMamba2's test accuracy after each of `steps` (increasing, the last = seq_len) pixels read, from
+    its recurrent step (step_logits: memory constant in the steps), and its probabilities (N, classes) after the
+    last step, to compare with the parallel forward's."""
+    correct, last = dict.fromkeys(steps, 0), []
+    for x, y in tqdm(split.batches(), total=split.num_batches, desc="reading", unit="batch", leave=False,
+                     dynamic_ncols=True):
+        for t, logits in model.step_logits(x, at=steps):
+            correct[t] += int((logits.argmax(dim=1) == y).sum())
+        last.append(logits.float().softmax(dim=1).cpu())
+    return {t: n / split.num_samples for t, n in correct.items()}, torch.cat(last).numpy()
+
+
+@torch.no_grad()
+def probabilities_while_reading(model, x):
+    """(n, seq_len, classes): the class probabilities of items x after each step, from step_logits."""
+    return torch.stack([logits.float().softmax(dim=1) for _, logits in model.step_logits(x)], dim=1).cpu().numpy()
+
+
+def partly_read(image, order, t):
+    """image (H, W) with only the pixels of the first t steps of the reading order (H*W,): the others NaN."""
+    seen = np.full(image.size, np.nan)
+    seen[order[:t]] = image.ravel()[order[:t]]
+    return seen.reshape(image.shape)
+
+
+def plot_reading(images, labels, titles, probs, order, steps, classes, name):
+    """Per item a row: the image as read after each of `steps` (snapshots), then the class probabilities (n, L,
+    classes) after every step, the true class's (labels (n,)) thick. images (n, H, W), with H = 1 for 1-D
+    signals."""
+    n, L, _ = probs.shape
+    fig, axes = plt.subplots(n, len(steps) + 1, squeeze=False, figsize=(1.7 * len(steps) + 7.5, 2.3 * n + 1.2),
+                             gridspec_kw={"width_ratios": [1] * len(steps) + [4.5]}, layout="constrained")
+    unread = plt.get_cmap("gray").with_extremes(bad="#3d7cc9")  # unread pixels: blue, apart from ink and paper
+    for row, image, label, title, p in zip(axes, images, labels, titles, probs):
+        for ax, t in zip(row, steps):
+            seen = partly_read(image, order, t)
+            if image.shape[0] == 1:  # a 1-D signal: the part read, over the whole in grey
+                ax.plot(image[0], color="0.8")
+                ax.plot(seen[0], color="black")
+            else:
+                ax.imshow(seen, cmap=unread, vmin=0, vmax=255)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{t / L:.0%} read ({t:,})", fontsize=9)
+        curves = row[-1]
+        for k, name_k in enumerate(classes):
+            curves.plot(np.arange(1, L + 1), p[:, k], color=plt.get_cmap("tab10")(k % 10), label=name_k,
+                        linewidth=2.6 if k == label else 1)
+        for t in steps:
+            curves.axvline(t, color="0.6", linestyle=":", linewidth=1)
+        curves.set(xlim=(1, L), ylim=(-0.02, 1.02), ylabel="probability")
+        curves.set_title(title, fontsize=10)
+    axes[-1, -1].set_xlabel("pixels read")
+    axes[0, -1].legend(title="class", fontsize=8, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.suptitle(f"{name} reads each test image one pixel per step (Mamba-2's recurrent form, a fixed-size state): "
+                 "the class probabilities\nafter every step (the true class's curve thick) and the image as read "
+                 "so far (blue: not yet read)", fontsize=11)
+    return fig

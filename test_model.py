@@ -18,6 +18,9 @@ model once, in batches, and every output comes from those predictions:
     predictions_visualization.png   random test images with prediction, confidence and truth; mistakes in red
     confident_mistakes.png          the mistakes the model was surest of
     metrics.json                    the numbers, for scripts
+    reading.png                     sequential checkpoints (smnist, psmnist): a second pass, in Mamba-2's recurrent
+                                    form, one pixel per step: the class probabilities after each pixel read; stdout
+                                    and metrics.json add the accuracy after 25, 50, 75 and 100 % of the pixels
 
 With --image, only your pictures: one line each (the three likeliest classes) and my_digits.png; with --attention,
 only attention.png (explain.py makes both figures).
@@ -49,6 +52,8 @@ from vision_mamba2 import count_params, describe_backend, resolve_backend
 
 YOURS = "vision_mamba2_mnist.pth"  # what `python train.py` writes in the working directory
 ATTENTION_DIGITS = 4  # test digits in --attention's figure
+READING_DIGITS = 4  # and in reading.png, a sequential model's
+READ_FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # of the pixels, after which a sequential model's accuracy is measured
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained", YOURS)  # comes with the code
 
 
@@ -274,6 +279,35 @@ def of_distinct_classes(labels, seed, n):
     return order[np.sort(np.unique(labels[order], return_index=True)[1])][:n]
 
 
+def read_pixel_by_pixel(args, model, test, split, probs, labels, classes, path):
+    """A sequential model's recurrent form: the test accuracy after READ_FRACTIONS of the pixels, from Mamba2.step
+    (memory constant in the steps; after the last pixel, the parallel forward's, reported beside it), and
+    reading.png. Returns the numbers for metrics.json."""
+    L = model.config.seq_len
+    steps = [round(f * L) for f in READ_FRACTIONS]
+    # stepping keeps a few states per image, not a whole sequence of activations: larger batches fit
+    stepping = train.DeviceSplit(DataLoader(test, batch_size=16 * args.batch_size), split.device, split.mean,
+                                 split.std)
+    accuracy, last = explain.accuracy_while_reading(model, stepping, steps)
+    parallel, gap = float((probs.argmax(axis=1) == labels).mean()), float(np.abs(last - probs).max())
+    print("\nreading pixel by pixel (the recurrent form, one step per pixel):")
+    for f, t in zip(READ_FRACTIONS, steps):
+        print(f"  after {f:4.0%} ({t:,} pixels): accuracy {accuracy[t]:.2%}")
+    print(f"  the parallel forward: accuracy {parallel:.2%}; probabilities after the last step within {gap:.1e}")
+
+    idx = of_distinct_classes(labels, args.seed, READING_DIGITS)
+    x, _ = next(train.DeviceSplit(DataLoader(torch.utils.data.Subset(test, idx), batch_size=len(idx)),
+                                  split.device, split.mean, split.std).batches())
+    curves = explain.probabilities_while_reading(model, x)
+    titles = [f"test image {i}: a {classes[labels[i]]}, read as {classes[p[-1].argmax()]} ({p[-1].max():.1%})"
+              for i, p in zip(idx, curves)]
+    save_figure(explain.plot_reading(split.images[idx, 0].cpu().numpy(), labels[idx], titles, curves,
+                                     model.permutation.cpu().numpy(), steps, classes,
+                                     os.path.basename(args.checkpoint)), path)
+    return {"pixels_read": steps, "fractions": list(READ_FRACTIONS), "accuracy": [accuracy[t] for t in steps],
+            "parallel_accuracy": parallel, "max_probability_difference": gap}
+
+
 def class_names(dataset):
     """Short class names: MNIST's "7 - seven" is 7."""
     return [name.split(" - ")[0] for name in train.DATASETS[dataset][0].classes]
@@ -363,7 +397,10 @@ def evaluate(args):
     report = {"checkpoint": {"path": args.checkpoint, "task": task, "arch": arch,
                              "epoch": ckpt["epoch"], "trained_on": trained_on},
               "dataset": dataset, **metrics}
-
+    if task in ("smnist", "psmnist"):
+        paths["reading.png"] = os.path.join(args.out_dir, "reading.png")
+        report["reading"] = read_pixel_by_pixel(args, model, test, split, probs, labels, class_names(dataset),
+                                                paths["reading.png"])
     train.atomic_write(paths["metrics.json"], lambda f: f.write(json.dumps(report, indent=2).encode()))
     print(f"wrote {', '.join(paths.values())}")
     return 0

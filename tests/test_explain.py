@@ -1,6 +1,7 @@
 """explain.py through test_model.py: your own pictures prepared as MNIST was made (--image), the default checkpoint
 (yours, else the pretrained one), and the figures of what the model does. Pictures are made here with PIL."""
 
+import json
 import re
 
 import numpy as np
@@ -13,10 +14,12 @@ from torchvision.datasets import MNIST
 import explain
 import mamba2_torch
 import test_model
-from helpers import REPO
+import train
+from helpers import REPO, load
 from mamba2_torch import mamba_chunk_scan_combined
 from vision_mamba2 import SCANS, VisionMamba2, VisionMamba2Config
 from test_evaluate import checkpoint, run  # noqa: F401 (checkpoint: the tiny trained model, a fixture)
+from test_sequential import TINY_FLAGS as SEQUENTIAL_FLAGS
 
 
 SEVEN = [(66, 42), (160, 42), (92, 182)]  # a polyline on a 224x224 canvas
@@ -153,27 +156,30 @@ def test_without_checkpoint_yours_else_the_shipped_one(checkpoint, data_dir, tmp
     work.mkdir()
     monkeypatch.chdir(work)
     monkeypatch.setattr(test_model, "SHIPPED", str(shipped))
-    argv = ["--data-dir", data_dir, "--out-dir", tmp_path / "eval", "--device", "cpu"]
+    evaluation = ["--data-dir", data_dir, "--out-dir", tmp_path / "eval", "--device", "cpu", "--num-samples", "1"]
+    Image.fromarray((255 * (1 - drawn_seven())).astype(np.uint8)).save(tmp_path / "seven.png")
+    picture = ["--image", tmp_path / "seven.png", "--out-dir", tmp_path / "eval", "--device", "cpu"]
 
-    status, _, err = run(argv, capsys)  # neither yours nor a shipped one
+    status, _, err = run(evaluation, capsys)  # neither yours nor a shipped one
     assert status == 2 and err.count("\n") == 1 and "no checkpoint" in err and "python train.py" in err
 
     shipped.parent.mkdir()
     shipped.write_bytes(checkpoint.read_bytes())
-    status, out, err = run(argv, capsys)
+    status, out, err = run(evaluation, capsys)
     assert status == 0, err
     assert out.splitlines()[0].startswith(f"using the pretrained model that comes with the code, {shipped}")
     assert f"checkpoint {shipped}:" in out and "mnist test set: accuracy" in out
+    status, out, err = run(picture, capsys)  # whatever it does
+    assert status == 0 and out.splitlines()[0].startswith("using the pretrained model"), err
 
     (work / "vision_mamba2_mnist.pth").write_bytes(checkpoint.read_bytes())  # as python train.py would write it
-    status, out, err = run(argv, capsys)
+    status, out, err = run(picture, capsys)
     assert status == 0, err
     assert out.splitlines()[0].startswith("using your vision_mamba2_mnist.pth")
-    assert "checkpoint vision_mamba2_mnist.pth:" in out
 
-    status, out, err = run([*argv, "--checkpoint", checkpoint], capsys)  # an explicit --checkpoint wins
+    status, out, err = run([*picture, "--checkpoint", checkpoint], capsys)  # an explicit --checkpoint wins
     assert status == 0, err
-    assert out.splitlines()[0].startswith(f"checkpoint {checkpoint}:")
+    assert out.splitlines()[0].startswith(f"{tmp_path / 'seven.png'}: ")  # no word on which checkpoint
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -228,3 +234,67 @@ def test_attention_draws_the_figure(checkpoint, data_dir, tmp_path, capsys):  # 
     with Image.open(tmp_path / "attention.png") as png:  # 4 digits x 3 rows (pooled, 2 query tokens)
         assert png.format == "PNG" and 1000 < png.size[0] < 1600 and 2000 < png.size[1] < 4000, png.size
     assert not (tmp_path / "metrics.json").exists()  # instead of the evaluation
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading pixel by pixel: a sequential checkpoint's recurrent form
+
+@pytest.fixture(scope="module")
+def sequential_checkpoint(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sequential")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # module fixtures run before the autouse one_thread
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(["--task", "smnist", *SEQUENTIAL_FLAGS, "--epochs", "1", "--max-train-samples", "64",
+                        "--data-dir", str(data_dir), "--out", str(out / "s.pth"), "--log-dir", str(out / "runs")])
+    finally:
+        torch.set_num_threads(threads)
+    assert exit_info.value.code == 0
+    return out / "s.pth"
+
+
+def test_a_sequential_checkpoint_is_measured_while_reading(sequential_checkpoint, data_dir, tmp_path, capsys):
+    status, out, err = run(["--checkpoint", sequential_checkpoint, "--data-dir", data_dir, "--out-dir", tmp_path,
+                            "--device", "cpu", "--batch-size", "16", "--num-samples", "1"], capsys)
+    assert status == 0, err
+    reading = json.loads((tmp_path / "metrics.json").read_text())["reading"]
+    assert reading["pixels_read"] == [196, 392, 588, 784] and reading["fractions"] == [0.25, 0.5, 0.75, 1.0]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert reading["accuracy"][-1] == reading["parallel_accuracy"] == metrics["accuracy"]
+    assert reading["max_probability_difference"] < 1e-4
+    for t, accuracy in zip(reading["pixels_read"], reading["accuracy"]):
+        assert f"({t:,} pixels): accuracy {accuracy:.2%}" in out
+
+    # the accuracy after t pixels, from the parallel form instead: the head on the mean of the first t steps' features
+    model = test_model.build_model(load(sequential_checkpoint), str(sequential_checkpoint), torch.device("cpu"))
+    test = MNIST(data_dir, train=False)
+    norm = load(sequential_checkpoint)["normalization"]
+    x = (test.data[:, None].float() / 255 - norm["mean"]) / norm["std"]
+    with torch.no_grad():
+        features = model.norm(model.features(x))  # (N, L, D), causal: step t saw the pixels before it only
+        for t, accuracy in zip(reading["pixels_read"], reading["accuracy"]):
+            predicted = model.head(features[:, :t].mean(dim=1)).argmax(dim=1)
+            assert (predicted == test.targets).float().mean().item() == pytest.approx(accuracy)
+
+    assert str(tmp_path / "reading.png") in out.splitlines()[-1]  # "wrote ..."
+    with Image.open(tmp_path / "reading.png") as png:  # 4 rows: snapshots and curves
+        assert png.format == "PNG" and 900 < png.size[0] < 1800 and 700 < png.size[1] < 1500, png.size
+
+
+def test_the_picture_as_read_so_far():
+    image, order = np.arange(6.0).reshape(2, 3), np.array([4, 0, 5, 1, 3, 2])
+    seen = explain.partly_read(image, order, 3)
+    assert np.array_equal(np.isnan(seen), [[False, True, True], [True, False, False]])
+    assert np.array_equal(seen[~np.isnan(seen)], [0, 4, 5])
+
+
+@pytest.mark.parametrize("flag,message", [
+    (["--image", "digit.png"], "--image needs an image classifier"),
+    (["--attention"], "--attention draws Vision Mamba 2's blocks"),
+])
+def test_a_sequential_checkpoint_has_no_pictures_nor_attention(flag, message, sequential_checkpoint, data_dir,
+                                                                tmp_path, capsys):
+    status, _, err = run(["--checkpoint", sequential_checkpoint, "--data-dir", data_dir, "--out-dir", tmp_path,
+                          *flag], capsys)
+    assert status == 2 and err.count("\n") == 1 and message in err and "smnist" in err, err

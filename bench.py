@@ -2,7 +2,7 @@
 Benchmarks, each printing a markdown table: speed and memory claims live here, never in timed tests.
 
     python bench.py                                          # every section (the full run is for GPUs)
-    python bench.py --quick                                  # every section, small sizes: < 2 minutes on 2 CPU cores
+    python bench.py --quick                                  # every section, small sizes: a few minutes on 2 CPU cores
     python bench.py models scaling --json bench.json        # some sections; all their rows in one JSON file
 
     models   whole-model training and inference throughput and memory: Vision Mamba 2 (7x7 tokens, and 14x14 as
@@ -612,7 +612,7 @@ def bench_scaling(args):
 
 SECTIONS = {"models": bench_models, "scaling": bench_scaling, "ssd": bench_ssd, "train": bench_train,
             "eval": bench_eval, "ops": bench_ops}
-# --quick: every section at small sizes, under 2 minutes on 2 CPU cores (flags given on the command line win)
+# --quick: every section at small sizes, a few minutes on 2 CPU cores (flags given on the command line win)
 QUICK = dict(batch_size=32, naive_images=64, repeats=1, scaling_lengths=[49, 196, 784, 3136], tokens=3136,
              lengths=[196], batch=8, images=2000, step_images=64, train_samples=5000, eval_images=256,
              single_images=32)
@@ -627,7 +627,7 @@ def build_parser():
                    help=f"what to run, any of {', '.join(SECTIONS)} (default: all of them; a section this machine "
                         "cannot run, such as ssd without mamba-ssm, is then skipped with the reason)")
     p.add_argument("--quick", action="store_true",
-                   help="small sizes and one repeat, to see every table in under 2 minutes on 2 CPU cores: "
+                   help="small sizes and one repeat, to see every table in a few minutes on 2 CPU cores: "
                         + ", ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
                                     for k, v in QUICK.items()))
     p.add_argument("--device", type=train.device_name, default="auto",

@@ -24,6 +24,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 BOX, SIZE = 20, 28  # MNIST: each digit scaled into a 20x20 box, its centre of mass put at the centre of 28x28
+LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601, as PIL's "L"
 MAX_SIDE = 1024  # pictures are shrunk to this first: a phone photo's 4000 pixels add nothing but time
 
 
@@ -35,22 +36,29 @@ class BadPicture(Exception):
 # Your own pictures
 
 def load_picture(path):
-    """The picture as given (for the figure, RGB) and its gray levels (H, W) in [0, 1]. Transparent pixels count as
-    background: the paper is white under dark ink, black under light ink."""
+    """The picture as given (H, W, 3), for the figure, and its gray levels (H, W), both in [0, 1]. Transparent
+    pixels are paper: white under dark ink, black under light ink."""
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)  # a phone photo's rotation lives in its EXIF tag
             im.thumbnail((MAX_SIDE, MAX_SIDE))
-            rgba = np.asarray(im.convert("RGBA"), dtype=np.float64) / 255
+            rgba = np.asarray(eight_bit(im).convert("RGBA"), dtype=np.float64) / 255
     except (UnidentifiedImageError, Image.DecompressionBombError):
         raise BadPicture("not an image (PIL cannot read it)") from None
     except OSError as e:
         raise BadPicture(f"cannot be read ({e.strerror or type(e).__name__})") from None
-    gray, alpha = rgba[..., :3] @ [0.299, 0.587, 0.114], rgba[..., 3]  # ITU-R 601 luma, as PIL's "L"
-    if alpha.min() < 1:
-        paper = 1.0 if np.average(gray, weights=alpha + 1e-9) < 0.5 else 0.0
-        gray = alpha * gray + (1 - alpha) * paper
-    return rgba[..., :3] * alpha[..., None] + (1 - alpha[..., None]), gray
+    rgb, alpha = rgba[..., :3], rgba[..., 3:]
+    paper = 1.0 if np.average(rgb @ LUMA, weights=alpha[..., 0] + 1e-9) < 0.5 else 0.0
+    rgb = alpha * rgb + (1 - alpha) * paper
+    return rgb, rgb @ LUMA
+
+
+def eight_bit(im):
+    """16-bit and float gray images (a scanner's) stretched to 8 bits: PIL's conversion would clip them at 255."""
+    if im.mode not in ("I", "F") and not im.mode.startswith("I;16"):
+        return im
+    x = np.asarray(im, dtype=np.float64)
+    return Image.fromarray(np.uint8(np.round(255 * (x - x.min()) / max(np.ptp(x), 1e-12))))
 
 
 def otsu_threshold(x):
@@ -164,8 +172,9 @@ def plot_pictures(shown, classes):
         bars.set_ylim(0, 112)
         bars.set_ylabel("probability (%)")
         bars.set_title(f"prediction: {classes[best]} ({probs[best]:.1%})", fontsize=11)
-    fig.suptitle("your pictures, prepared as MNIST was made: grayscale, ink bright on black, cropped, scaled into "
-                 "20x20,\ncentred by its centre of mass in 28x28; probabilities: the model's softmax", fontsize=11)
+    fig.suptitle("your pictures, prepared as MNIST was made: grayscale, ink bright on black (the paper's light "
+                 "evened out, specks dropped,\nthin pens thickened), cropped, scaled into 20x20, centred by its centre "
+                 "of mass in 28x28; probabilities: the model's softmax", fontsize=11)
     fig.tight_layout()
     return fig
 

@@ -48,6 +48,8 @@ def as_photo(digit, style, rng):
         return Image.fromarray((40 + 200 * ink).astype(np.uint8)).convert("RGB")
     if style == "transparent":  # black ink on a transparent layer (whose hidden colour is black too)
         return Image.fromarray(np.stack([np.zeros_like(ink)] * 3 + [255 * ink], -1).astype(np.uint8), "RGBA")
+    if style == "16-bit scan":
+        return Image.fromarray((60000 - 50000 * ink).astype(np.uint16))  # PIL's mode I;16
     paper = np.full_like(ink, 235.0)
     if style == "lit from one side":  # a phone photo: the paper darker towards one edge, and grainy
         paper = 140 + 110 * np.linspace(0, 1, 640)[None] + rng.normal(0, 4, ink.shape)
@@ -64,7 +66,8 @@ def centred(x):
     return ndimage.shift(x, np.array([14, 14]) - ndimage.center_of_mass(x), order=1)
 
 
-@pytest.mark.parametrize("style", ["dark on white", "light on dark", "transparent", "lit from one side", "specks"])
+@pytest.mark.parametrize("style", ["dark on white", "light on dark", "transparent", "lit from one side", "specks",
+                                   "16-bit scan"])
 @pytest.mark.parametrize("source", ["drawn seven", "test image"])
 def test_a_picture_prepares_to_its_mnist_digit(source, style, data_dir, tmp_path):
     digit = drawn_seven() if source == "drawn seven" else synthetic_test_digit(data_dir)

@@ -77,11 +77,12 @@ def ink_of(gray):
     inverted."""
     if gray.max() - gray.min() < 0.1:
         raise BadPicture("no ink: the picture is one flat shade")
-    paper = np.median(np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]]))
-    x = flattened(1 - gray if paper - gray.min() > gray.max() - paper else gray)
+    border = np.median(np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]]))
+    x = flattened(1 - gray if border - gray.min() > gray.max() - border else gray)
     t = otsu_threshold(x)
-    paper, ink = x[x < t], np.percentile(x[x >= t], 90)
-    paper = np.median(paper) + 3 * 1.4826 * np.median(np.abs(paper - np.median(paper)))  # its grain goes dark too
+    background, ink = x[x < t], np.percentile(x[x >= t], 90)
+    deviation = 1.4826 * np.median(np.abs(background - np.median(background)))  # the paper's grain, robustly
+    paper = np.median(background) + 3 * deviation  # the grain goes dark too
     if ink - paper < 0.1:
         raise BadPicture("no ink: nothing stands out from the paper")
     return np.clip((x - paper) / (ink - paper), 0, 1), x >= t
@@ -124,7 +125,8 @@ def thickened(x, mask):
 def mnist_like(gray):
     """Gray levels (H, W) in [0, 1] -> (28, 28) in [0, 1] as the MNIST digits were made (LeCun et al.): ink bright
     on black, cropped to the ink, scaled to fit a 20x20 box with its aspect ratio kept (antialiased), pasted into
-    28x28 with its centre of mass at the centre."""
+    28x28 with its centre of mass at the centre. Before that, for photos: the light evened out and the specks
+    dropped (ink_of, digit_crop), thin pens thickened."""
     x, mask = digit_crop(*ink_of(gray))
     x = thickened(x, mask)
     h, w = x.shape

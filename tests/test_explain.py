@@ -15,7 +15,7 @@ import explain
 import mamba2_torch
 import test_model
 import train
-from helpers import REPO, load
+from helpers import REPO, load, run_script
 from mamba2_torch import mamba_chunk_scan_combined
 from vision_mamba2 import SCANS, VisionMamba2, VisionMamba2Config
 from test_evaluate import checkpoint, run  # noqa: F401 (checkpoint: the tiny trained model, a fixture)
@@ -149,8 +149,16 @@ def test_image_with_only_bad_pictures_draws_nothing(checkpoint, tmp_path, capsys
 # ----------------------------------------------------------------------------------------------------
 # The default checkpoint: yours, else the pretrained one that comes with the code
 
-def test_the_pretrained_model_lives_beside_test_model_py():
-    assert test_model.SHIPPED == str(REPO / "pretrained" / "vision_mamba2_mnist.pth")
+def test_a_fresh_clone_evaluates_the_pretrained_model(data_dir, tmp_path):
+    # a real process in a directory without a vision_mamba2_mnist.pth of the user's: the file in pretrained/
+    shipped = REPO / "pretrained" / "vision_mamba2_mnist.pth"
+    assert test_model.SHIPPED == str(shipped)
+    proc = run_script("test_model.py", "--data-dir", data_dir, "--out-dir", tmp_path / "eval", "--num-samples", "1",
+                      "--device", "cpu", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[0].startswith(f"using the pretrained model that comes with the code, {shipped}")
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["checkpoint"]["path"] == str(shipped) and metrics["num_images"] == 100
 
 
 def test_without_checkpoint_yours_else_the_shipped_one(checkpoint, data_dir, tmp_path, capsys,  # noqa: F811

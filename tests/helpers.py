@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import train
+
 REPO = Path(__file__).resolve().parents[1]
 N_TRAIN, N_TEST = 300, 100  # images in conftest.py's synthetic dataset
 # One thread: for a model this small it is the fastest, and it keeps its speed when other jobs share the
@@ -47,3 +49,17 @@ def run_script(script, *argv, **kwargs):
     """python <script> <argv> from the repository, as a user would run it: the CompletedProcess, text output."""
     return subprocess.run([sys.executable, str(REPO / script), *map(str, argv)], capture_output=True, text=True,
                           env=PROC_ENV, timeout=300, **kwargs)
+
+
+def train_in_process(argv):
+    """train.main(argv) in this process, on one thread (a module fixture runs before conftest's one_thread): its exit
+    status."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        try:
+            train.main([str(a) for a in argv])
+        except SystemExit as e:
+            return e.code
+    finally:
+        torch.set_num_threads(threads)

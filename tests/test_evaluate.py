@@ -20,7 +20,7 @@ from torchvision.datasets import FashionMNIST
 import bench
 import test_model
 import train
-from helpers import N_TEST, PROC_ENV, REPO, load
+from helpers import N_TEST, PROC_ENV, REPO, load, train_in_process
 from test_train import TINY
 from vision_mamba2 import VisionMamba2
 
@@ -30,15 +30,8 @@ OUTPUTS = ("confusion_matrix.png", "predictions_visualization.png", "confident_m
 @pytest.fixture(scope="module")
 def checkpoint(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("checkpoint")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # module fixtures run before the autouse one_thread
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            train.main([*TINY, "--epochs", "2", "--data-dir", str(data_dir), "--out", str(out / "m.pth"),
-                        "--log-dir", str(out / "runs")])
-    finally:
-        torch.set_num_threads(threads)
-    assert exit_info.value.code == 0
+    assert train_in_process([*TINY, "--epochs", "2", "--data-dir", data_dir, "--out", out / "m.pth",
+                             "--log-dir", out / "runs"]) == 0
     return out / "m.pth"
 
 

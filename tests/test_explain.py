@@ -14,8 +14,7 @@ from torchvision.datasets import MNIST
 import explain
 import mamba2_torch
 import test_model
-import train
-from helpers import REPO, load, run_script
+from helpers import REPO, load, run_script, train_in_process
 from mamba2_torch import mamba_chunk_scan_combined
 from vision_mamba2 import SCANS, VisionMamba2, VisionMamba2Config
 from test_evaluate import checkpoint, run  # noqa: F401 (checkpoint: the tiny trained model, a fixture)
@@ -253,15 +252,8 @@ def test_attention_draws_the_figure(checkpoint, data_dir, tmp_path, capsys):  # 
 @pytest.fixture(scope="module")
 def sequential_checkpoint(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("sequential")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # module fixtures run before the autouse one_thread
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            train.main(["--task", "smnist", *SEQUENTIAL_FLAGS, "--epochs", "1", "--max-train-samples", "64",
-                        "--data-dir", str(data_dir), "--out", str(out / "s.pth"), "--log-dir", str(out / "runs")])
-    finally:
-        torch.set_num_threads(threads)
-    assert exit_info.value.code == 0
+    assert train_in_process(["--task", "smnist", *SEQUENTIAL_FLAGS, "--epochs", "1", "--max-train-samples", "64",
+                             "--data-dir", data_dir, "--out", out / "s.pth", "--log-dir", out / "runs"]) == 0
     return out / "s.pth"
 
 

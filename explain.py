@@ -290,6 +290,9 @@ def attention_row(axes, image, share, query):
 # ----------------------------------------------------------------------------------------------------
 # Reading pixel by pixel: a sequential model's recurrent form
 
+UNREAD = "#3d7cc9"  # the pixels a sequential model has not read yet: blue, apart from ink and paper
+
+
 @torch.no_grad()
 def accuracy_while_reading(model, split, steps):
     """A SequentialMamba2's test accuracy after each of `steps` (increasing, the last = seq_len) pixels read, from
@@ -324,13 +327,13 @@ def plot_reading(images, labels, titles, probs, order, steps, classes, name):
     n, L, _ = probs.shape
     fig, axes = plt.subplots(n, len(steps) + 1, squeeze=False, figsize=(1.7 * len(steps) + 7.5, 2.3 * n + 1.2),
                              gridspec_kw={"width_ratios": [1] * len(steps) + [4.5]}, layout="constrained")
-    unread = plt.get_cmap("gray").with_extremes(bad="#3d7cc9")  # unread pixels: blue, apart from ink and paper
+    unread = plt.get_cmap("gray").with_extremes(bad=UNREAD)
     for row, image, label, title, p in zip(axes, images, labels, titles, probs):
         for ax, t in zip(row, steps):
             seen = partly_read(image, order, t)
-            if image.shape[0] == 1:  # a 1-D signal: the part read, over the whole in grey
-                ax.plot(image[0], color="0.8")
-                ax.plot(seen[0], color="black")
+            if image.shape[0] == 1:  # a 1-D signal: the values read, over the whole in the unread colour
+                ax.plot(image[0], color=UNREAD, alpha=0.6)
+                ax.plot(seen[0], color="black", marker="o", markersize=2.5)
             else:
                 ax.imshow(seen, cmap=unread, vmin=0, vmax=255)
             ax.set_xticks([])

@@ -24,6 +24,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 BOX, SIZE = 20, 28  # MNIST: each digit scaled into a 20x20 box, its centre of mass put at the centre of 28x28
+LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601, as PIL's "L"
 MAX_SIDE = 1024  # pictures are shrunk to this first: a phone photo's 4000 pixels add nothing but time
 
 
@@ -35,22 +36,29 @@ class BadPicture(Exception):
 # Your own pictures
 
 def load_picture(path):
-    """The picture as given (for the figure, RGB) and its gray levels (H, W) in [0, 1]. Transparent pixels count as
-    background: the paper is white under dark ink, black under light ink."""
+    """The picture as given (H, W, 3), for the figure, and its gray levels (H, W), both in [0, 1]. Transparent
+    pixels are paper: white under dark ink, black under light ink."""
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)  # a phone photo's rotation lives in its EXIF tag
             im.thumbnail((MAX_SIDE, MAX_SIDE))
-            rgba = np.asarray(im.convert("RGBA"), dtype=np.float64) / 255
+            rgba = np.asarray(eight_bit(im).convert("RGBA"), dtype=np.float64) / 255
     except (UnidentifiedImageError, Image.DecompressionBombError):
         raise BadPicture("not an image (PIL cannot read it)") from None
     except OSError as e:
         raise BadPicture(f"cannot be read ({e.strerror or type(e).__name__})") from None
-    gray, alpha = rgba[..., :3] @ [0.299, 0.587, 0.114], rgba[..., 3]  # ITU-R 601 luma, as PIL's "L"
-    if alpha.min() < 1:
-        paper = 1.0 if np.average(gray, weights=alpha + 1e-9) < 0.5 else 0.0
-        gray = alpha * gray + (1 - alpha) * paper
-    return rgba[..., :3] * alpha[..., None] + (1 - alpha[..., None]), gray
+    rgb, alpha = rgba[..., :3], rgba[..., 3:]
+    paper = 1.0 if np.average(rgb @ LUMA, weights=alpha[..., 0] + 1e-9) < 0.5 else 0.0
+    rgb = alpha * rgb + (1 - alpha) * paper
+    return rgb, rgb @ LUMA
+
+
+def eight_bit(im):
+    """16-bit and float gray images (a scanner's) stretched to 8 bits: PIL's conversion would clip them at 255."""
+    if im.mode not in ("I", "F") and not im.mode.startswith("I;16"):
+        return im
+    x = np.asarray(im, dtype=np.float64)
+    return Image.fromarray(np.uint8(np.round(255 * (x - x.min()) / max(np.ptp(x), 1e-12))))
 
 
 def otsu_threshold(x):
@@ -69,11 +77,12 @@ def ink_of(gray):
     inverted."""
     if gray.max() - gray.min() < 0.1:
         raise BadPicture("no ink: the picture is one flat shade")
-    paper = np.median(np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]]))
-    x = flattened(1 - gray if paper - gray.min() > gray.max() - paper else gray)
+    border = np.median(np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]]))
+    x = flattened(1 - gray if border - gray.min() > gray.max() - border else gray)
     t = otsu_threshold(x)
-    paper, ink = x[x < t], np.percentile(x[x >= t], 90)
-    paper = np.median(paper) + 3 * 1.4826 * np.median(np.abs(paper - np.median(paper)))  # its grain goes dark too
+    background, ink = x[x < t], np.percentile(x[x >= t], 90)
+    deviation = 1.4826 * np.median(np.abs(background - np.median(background)))  # the paper's grain, robustly
+    paper = np.median(background) + 3 * deviation  # the grain goes dark too
     if ink - paper < 0.1:
         raise BadPicture("no ink: nothing stands out from the paper")
     return np.clip((x - paper) / (ink - paper), 0, 1), x >= t
@@ -116,7 +125,8 @@ def thickened(x, mask):
 def mnist_like(gray):
     """Gray levels (H, W) in [0, 1] -> (28, 28) in [0, 1] as the MNIST digits were made (LeCun et al.): ink bright
     on black, cropped to the ink, scaled to fit a 20x20 box with its aspect ratio kept (antialiased), pasted into
-    28x28 with its centre of mass at the centre."""
+    28x28 with its centre of mass at the centre. Before that, for photos: the light evened out and the specks
+    dropped (ink_of, digit_crop), thin pens thickened."""
     x, mask = digit_crop(*ink_of(gray))
     x = thickened(x, mask)
     h, w = x.shape
@@ -164,8 +174,9 @@ def plot_pictures(shown, classes):
         bars.set_ylim(0, 112)
         bars.set_ylabel("probability (%)")
         bars.set_title(f"prediction: {classes[best]} ({probs[best]:.1%})", fontsize=11)
-    fig.suptitle("your pictures, prepared as MNIST was made: grayscale, ink bright on black, cropped, scaled into "
-                 "20x20,\ncentred by its centre of mass in 28x28; probabilities: the model's softmax", fontsize=11)
+    fig.suptitle("your pictures, prepared as MNIST was made: grayscale, ink bright on black (the paper's light "
+                 "evened out, specks dropped,\nthin pens thickened), cropped, scaled into 20x20, centred by its centre "
+                 "of mass in 28x28; probabilities: the model's softmax", fontsize=11)
     fig.tight_layout()
     return fig
 
@@ -279,6 +290,9 @@ def attention_row(axes, image, share, query):
 # ----------------------------------------------------------------------------------------------------
 # Reading pixel by pixel: a sequential model's recurrent form
 
+UNREAD = "#3d7cc9"  # the pixels a sequential model has not read yet: blue, apart from ink and paper
+
+
 @torch.no_grad()
 def accuracy_while_reading(model, split, steps):
     """A SequentialMamba2's test accuracy after each of `steps` (increasing, the last = seq_len) pixels read, from
@@ -313,13 +327,13 @@ def plot_reading(images, labels, titles, probs, order, steps, classes, name):
     n, L, _ = probs.shape
     fig, axes = plt.subplots(n, len(steps) + 1, squeeze=False, figsize=(1.7 * len(steps) + 7.5, 2.3 * n + 1.2),
                              gridspec_kw={"width_ratios": [1] * len(steps) + [4.5]}, layout="constrained")
-    unread = plt.get_cmap("gray").with_extremes(bad="#3d7cc9")  # unread pixels: blue, apart from ink and paper
+    unread = plt.get_cmap("gray").with_extremes(bad=UNREAD)
     for row, image, label, title, p in zip(axes, images, labels, titles, probs):
         for ax, t in zip(row, steps):
             seen = partly_read(image, order, t)
-            if image.shape[0] == 1:  # a 1-D signal: the part read, over the whole in grey
-                ax.plot(image[0], color="0.8")
-                ax.plot(seen[0], color="black")
+            if image.shape[0] == 1:  # a 1-D signal: the values read, over the whole in the unread colour
+                ax.plot(image[0], color=UNREAD, alpha=0.6)
+                ax.plot(seen[0], color="black", marker="o", markersize=2.5)
             else:
                 ax.imshow(seen, cmap=unread, vmin=0, vmax=255)
             ax.set_xticks([])

@@ -14,7 +14,7 @@ from torchvision.datasets import MNIST
 import explain
 import mamba2_torch
 import test_model
-from helpers import REPO, load, train_in_process
+from helpers import REPO, load, run_script, train_in_process
 from mamba2_torch import mamba_chunk_scan_combined
 from vision_mamba2 import SCANS, VisionMamba2, VisionMamba2Config
 from test_evaluate import checkpoint, run  # noqa: F401 (checkpoint: the tiny trained model, a fixture)
@@ -47,6 +47,8 @@ def as_photo(digit, style, rng):
         return Image.fromarray((40 + 200 * ink).astype(np.uint8)).convert("RGB")
     if style == "transparent":  # black ink on a transparent layer (whose hidden colour is black too)
         return Image.fromarray(np.stack([np.zeros_like(ink)] * 3 + [255 * ink], -1).astype(np.uint8), "RGBA")
+    if style == "16-bit scan":
+        return Image.fromarray((60000 - 50000 * ink).astype(np.uint16))  # PIL's mode I;16
     paper = np.full_like(ink, 235.0)
     if style == "lit from one side":  # a phone photo: the paper darker towards one edge, and grainy
         paper = 140 + 110 * np.linspace(0, 1, 640)[None] + rng.normal(0, 4, ink.shape)
@@ -63,7 +65,8 @@ def centred(x):
     return ndimage.shift(x, np.array([14, 14]) - ndimage.center_of_mass(x), order=1)
 
 
-@pytest.mark.parametrize("style", ["dark on white", "light on dark", "transparent", "lit from one side", "specks"])
+@pytest.mark.parametrize("style", ["dark on white", "light on dark", "transparent", "lit from one side", "specks",
+                                   "16-bit scan"])
 @pytest.mark.parametrize("source", ["drawn seven", "test image"])
 def test_a_picture_prepares_to_its_mnist_digit(source, style, data_dir, tmp_path):
     digit = drawn_seven() if source == "drawn seven" else synthetic_test_digit(data_dir)
@@ -145,8 +148,16 @@ def test_image_with_only_bad_pictures_draws_nothing(checkpoint, tmp_path, capsys
 # ----------------------------------------------------------------------------------------------------
 # The default checkpoint: yours, else the pretrained one that comes with the code
 
-def test_the_pretrained_model_lives_beside_test_model_py():
-    assert test_model.SHIPPED == str(REPO / "pretrained" / "vision_mamba2_mnist.pth")
+def test_a_fresh_clone_evaluates_the_pretrained_model(data_dir, tmp_path):
+    # a real process in a directory without a vision_mamba2_mnist.pth of the user's: the file in pretrained/
+    shipped = REPO / "pretrained" / "vision_mamba2_mnist.pth"
+    assert test_model.SHIPPED == str(shipped)
+    proc = run_script("test_model.py", "--data-dir", data_dir, "--out-dir", tmp_path / "eval", "--num-samples", "1",
+                      "--device", "cpu", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[0].startswith(f"using the pretrained model that comes with the code, {shipped}")
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["checkpoint"]["path"] == str(shipped) and metrics["num_images"] == 100
 
 
 def test_without_checkpoint_yours_else_the_shipped_one(checkpoint, data_dir, tmp_path, capsys,  # noqa: F811

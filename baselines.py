@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from vision_mamba2 import ModelConfig, classifier_head
+from vision_mamba2 import ModelConfig, classifier_head, knob
 
 
 @dataclass
@@ -23,11 +23,11 @@ class CNNConfig(ModelConfig):
     img_size: int = 28
     in_chans: int = 1
     num_classes: int = 10
-    width: int = 40  # channels of the first stage; then 2x and 4x: ~475K parameters
-    dropout: float = 0.1  # in the classifier head
+    width: int = knob(40, "channels of the first stage; then 2x and 4x: ~475K parameters")
+    dropout: float = knob(0.1, "dropout in the classifier head")
 
     def validate(self):
-        self.validate_fields()
+        super().validate()
         if self.img_size % 4:
             raise ValueError(f"img_size {self.img_size} must be divisible by 4 (two 2x2 max-pools)")
 
@@ -37,15 +37,15 @@ class ViTConfig(ModelConfig):
     img_size: int = 28
     in_chans: int = 1
     num_classes: int = 10
-    patch_size: int = 4  # stem stride, as Vision Mamba 2: 28x28 pixels -> 7x7 tokens
-    d_model: int = 116  # a little narrower than the Mamba model's 128: ~462K parameters, within 2%
-    num_blocks: int = 4
-    heads: int = 4
-    mlp_ratio: int = 2  # MLP hidden width as a multiple of d_model
-    dropout: float = 0.1  # in the classifier head
+    patch_size: int = knob(4, "stride of the tokenizing conv, as Vision Mamba 2's: 4 gives 7x7 tokens")
+    d_model: int = knob(116, "channels of the tokens: a little narrower than the Mamba model's 128, ~462K parameters")
+    num_blocks: int = knob(4, "Transformer blocks")
+    heads: int = knob(4, "attention heads per block; d-model must be divisible by it")
+    mlp_ratio: int = knob(2, "hidden width of each block's MLP, as a multiple of d-model")
+    dropout: float = knob(0.1, "dropout in the classifier head")
 
     def validate(self):
-        self.validate_fields()
+        super().validate()
         if self.d_model % self.heads:
             raise ValueError(f"d_model {self.d_model} must be divisible by heads {self.heads}")
         if self.img_size % self.patch_size:

@@ -41,44 +41,65 @@ BACKENDS = ("auto", "official", "portable")
 READOUTS = ("mean", "last")  # SequentialMamba2's summary of the sequence: average over all steps, or the last
 
 
+def knob(default, help, **argparse_kwargs):
+    """A config field with a help line: train.py and `python vision_mamba2.py` make it a flag (cli.add_config_flags);
+    fields without one are set from the data or not worth a flag."""
+    return dataclasses.field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
 class ModelConfig:
-    """What the model configs share: reading one back from a checkpoint, checking the fields (validate_fields),
-    the input check of the image classifiers (check_input), and, in validate, the checks of the Mamba-2 mixer
-    (baselines.py's configs override validate)."""
+    """What every model config does (this file's and baselines.py's): read itself back from a checkpoint, check its
+    fields, and say whether a batch has the shape the model reads."""
 
     @classmethod
     def from_dict(cls, d):
         fields = {f.name for f in dataclasses.fields(cls)}
         if set(d) != fields:
             unknown, missing = sorted(set(d) - fields), sorted(fields - set(d))
-            raise ValueError(f"the model config has unknown keys {unknown} and lacks {missing}: written by another "
-                             f"version of this code?")
+            raise ValueError(f"the model config has unknown keys {unknown} and lacks {missing}")
         return cls(**d)
 
-    def validate_fields(self):
+    def validate(self):
+        """Raise ValueError naming the numbers to change if this model cannot be built."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.type is int and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{f.name} must be a positive integer, got {value!r}")
             if f.type is bool and not isinstance(value, bool):
                 raise ValueError(f"{f.name} must be True or False, got {value!r}")
-        for name in {"dropout", "drop_path"} & {f.name for f in dataclasses.fields(self)}:
-            value = getattr(self, name)
-            if not 0 <= value < 1:
-                raise ValueError(f"{name} must be in [0, 1), got {value}")
+            if f.type is float and not 0 <= value < 1:  # the rates: dropout, drop_path
+                raise ValueError(f"{f.name} must be in [0, 1), got {value}")
+            if "choices" in f.metadata and value not in f.metadata["choices"]:
+                raise ValueError(f"{f.name} must be one of {list(f.metadata['choices'])}, got {value!r}")
 
     def check_input(self, shape):
         """Raise ValueError unless a batch of this shape is what the model reads: (B, in_chans, img_size, img_size)
-        for the image classifiers (this file's and baselines.py's). test_model.py asks before it evaluates."""
+        for the image classifiers. test_model.py asks before it evaluates."""
         if len(shape) != 4 or tuple(shape[1:]) != (self.in_chans, self.img_size, self.img_size):
             raise ValueError(f"expected input of shape (B, {self.in_chans}, {self.img_size}, {self.img_size}), "
                              f"got {tuple(shape)}")
 
+
+@dataclass
+class Mamba2Config(ModelConfig):
+    """The Mamba-2 mixer's fields and their checks, shared by the image and the sequence model."""
+    d_model: int = knob(128, "channels of the token stream")
+    num_blocks: int = knob(4, "Mamba-2 blocks")
+    d_state: int = knob(32, "SSM state size per head: how much each scan remembers of what it has read")
+    d_conv: int = 4  # the mixer's causal depthwise conv, as Mamba's
+    expand: int = knob(2, "inner width of the mixer, as a multiple of d-model")
+    headdim: int = knob(32, "channels per SSM head; d-model*expand must be divisible by it")
+    ngroups: int = 1  # heads sharing one B and C
+    chunk_size: int = 64  # the SSD's chunk length: the same result for any value; 64 is fastest on a CPU (bench.py)
+    dropout: float = knob(0.1, "dropout in the classifier head")
+    drop_path: float = knob(0.0, "stochastic depth: the chance that the last block's branch is skipped for an image "
+                                 "in training, rising linearly from 0 for the first")
+    backend: str = knob("auto", "Mamba-2 implementation: official (mamba-ssm's kernels, CUDA), portable (pure "
+                                "PyTorch), auto (official where it can run); the same weights either way",
+                        choices=BACKENDS)
+
     def validate(self):
-        """Raise ValueError naming the numbers to change if this model cannot be built."""
-        self.validate_fields()
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
+        super().validate()
         d_inner = self.d_model * self.expand
         if d_inner % self.headdim:
             raise ValueError(f"d_model*expand = {d_inner} must be divisible by headdim = {self.headdim}")
@@ -93,56 +114,36 @@ class ModelConfig:
 
 
 @dataclass
-class VisionMamba2Config(ModelConfig):
+class VisionMamba2Config(Mamba2Config):
     img_size: int = 28
     in_chans: int = 1
     num_classes: int = 10
-    patch_size: int = 4  # stem stride: 28x28 pixels -> 7x7 tokens (2: 14x14, 4x the work, no more accurate)
-    d_model: int = 128
-    num_blocks: int = 4
-    d_state: int = 32
-    d_conv: int = 4
-    expand: int = 2
-    headdim: int = 32
-    ngroups: int = 1
-    chunk_size: int = 64  # the SSD's chunk length: same result for any value; 64 is fastest on CPU (bench.py)
-    scan: str = "bi"
-    dropout: float = 0.1  # in the classifier head
-    drop_path: float = 0.0  # stochastic depth: the chance that the last block's branch is skipped (0 for the first)
-    local_conv: bool = True  # a residual 3x3 depthwise conv on the token grid at the start of each block
-    backend: str = "auto"
+    patch_size: int = knob(4, "stride of the tokenizing conv (kernel 2p-1): 4 gives a 7x7 grid of tokens, 2 a "
+                              "14x14 grid (4x the work, no more accurate)")
+    scan: str = knob("bi", "directions each block reads the token grid in: uni (1), bi (2, forward and backward, "
+                           "so every token sees the whole image), cross (4, rows and columns)", choices=list(SCANS))
+    local_conv: bool = knob(True, "a residual 3x3 depthwise conv on the token grid at the start of each block, so "
+                                  "each token mixes with its 8 neighbours")
 
     def validate(self):
-        if self.scan not in SCANS:
-            raise ValueError(f"scan must be one of {list(SCANS)}, got {self.scan!r}")
         super().validate()
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} must be divisible by patch_size {self.patch_size}")
 
 
 @dataclass
-class SequentialMamba2Config(ModelConfig):
+class SequentialMamba2Config(Mamba2Config):
     # defaults for sMNIST on a GPU, not yet measured on a full run
+    d_state: int = knob(64, "SSM state size per head (a long sequence: more than the image model's 49 tokens need)")
     seq_len: int = 784  # pixels per image, read one per step
     in_chans: int = 1  # values per step
     num_classes: int = 10
-    d_model: int = 128
-    num_blocks: int = 4
-    d_state: int = 64  # a long sequence: more state than the image model's 49 tokens need
-    d_conv: int = 4
-    expand: int = 2
-    headdim: int = 32
-    ngroups: int = 1
-    chunk_size: int = 64
-    dropout: float = 0.1  # in the classifier head
-    drop_path: float = 0.0  # stochastic depth, as the image model's
-    backend: str = "auto"
-    readout: str = "mean"  # what the head sees: the mean over all steps, or the last step
-    permutation_seed: int | None = None  # None: pixels in row-major order (sMNIST); a seed: a fixed shuffle (psMNIST)
+    readout: str = knob("mean", "what the classifier head sees: the mean of every step's features, or the last "
+                                "step's", choices=list(READOUTS))
+    permutation_seed: int | None = knob(None, "psmnist: seeds the fixed pixel order, stored in the checkpoint "
+                                              "(default: 0 for psmnist; smnist reads in row-major order)")
 
     def validate(self):
-        if self.readout not in READOUTS:
-            raise ValueError(f"readout must be one of {list(READOUTS)}, got {self.readout!r}")
         seed = self.permutation_seed
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
             raise ValueError(f"permutation_seed must be None (row-major order) or an integer >= 0, got {seed!r}")
@@ -264,6 +265,12 @@ class Mamba2Mixer(Mamba2):
 # Model
 
 
+def mamba2_mixer(c):
+    """The Mamba-2 mixer a Mamba2Config describes."""
+    return Mamba2Mixer(d_model=c.d_model, d_state=c.d_state, d_conv=c.d_conv, expand=c.expand, headdim=c.headdim,
+                       ngroups=c.ngroups, chunk_size=c.chunk_size, backend=c.backend)
+
+
 def scan_orders(scan, h, w):
     """Token orders (k, h*w) of a scan mode's k directions over a row-major h x w grid."""
     grid = torch.arange(h * w).view(h, w)
@@ -291,16 +298,16 @@ class VisionMambaBlock(nn.Module):
     and averaged.
     """
 
-    def __init__(self, *, dim, grid_size, scan="bi", d_state=32, d_conv=4, expand=2, headdim=32, ngroups=1,
-                 chunk_size=64, drop_path=0.0, local_conv=False, backend="auto"):
+    def __init__(self, config, *, drop_path=0.0):
         super().__init__()
-        self.grid_size = grid_size
-        self.local = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim) if local_conv else None
+        c, dim = config, config.d_model
+        assert c.img_size % c.patch_size == 0, "the image must split into whole patches"
+        self.grid_size = g = c.img_size // c.patch_size
+        self.local = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim) if c.local_conv else None
         self.drop_path = StochasticDepth(drop_path, mode="row")  # per sample, in training only
         self.norm = nn.LayerNorm(dim)
-        self.mixer = Mamba2Mixer(d_model=dim, d_state=d_state, d_conv=d_conv, expand=expand, headdim=headdim,
-                                 ngroups=ngroups, chunk_size=chunk_size, backend=backend)
-        self.register_buffer("order", scan_orders(scan, grid_size, grid_size), persistent=False)  # (k, L)
+        self.mixer = mamba2_mixer(c)
+        self.register_buffer("order", scan_orders(c.scan, g, g), persistent=False)  # (k, L)
         self.direction_embed = nn.Parameter(torch.zeros(len(self.order), dim))
         self.direction_embed._no_weight_decay = True
 
@@ -339,11 +346,7 @@ class VisionMamba2(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, c.d_model, self.grid_size, self.grid_size))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.pos_embed._no_weight_decay = True  # embeddings, like norms and the SSM's A_log/D/dt_bias
-        self.blocks = nn.ModuleList(
-            VisionMambaBlock(dim=c.d_model, grid_size=self.grid_size, scan=c.scan, d_state=c.d_state,
-                             d_conv=c.d_conv, expand=c.expand, headdim=c.headdim, ngroups=c.ngroups,
-                             chunk_size=c.chunk_size, drop_path=p, local_conv=c.local_conv, backend=c.backend)
-            for p in drop_path_rates(c))
+        self.blocks = nn.ModuleList(VisionMambaBlock(c, drop_path=p) for p in drop_path_rates(c))
         self.norm = nn.LayerNorm(c.d_model)
         self.head = classifier_head(c)
 
@@ -369,13 +372,11 @@ class ResidualMamba2Block(nn.Module):
     """Pre-norm residual Mamba-2 block on a sequence: (B, L, D) -> (B, L, D), causal (a step sees only
     itself and the steps before it: Mamba-2's convolution and scan both look back only)."""
 
-    def __init__(self, *, dim, d_state=64, d_conv=4, expand=2, headdim=32, ngroups=1, chunk_size=64, drop_path=0.0,
-                 backend="auto"):
+    def __init__(self, config, *, drop_path=0.0):
         super().__init__()
         self.drop_path = StochasticDepth(drop_path, mode="row")
-        self.norm = nn.LayerNorm(dim)
-        self.mixer = Mamba2Mixer(d_model=dim, d_state=d_state, d_conv=d_conv, expand=expand, headdim=headdim,
-                                 ngroups=ngroups, chunk_size=chunk_size, backend=backend)
+        self.norm = nn.LayerNorm(config.d_model)
+        self.mixer = mamba2_mixer(config)
 
     def forward(self, x):
         # x : (B, L, D)
@@ -391,11 +392,7 @@ class SequentialMamba2(nn.Module):
         # persistent: the checkpoint keeps the order the weights were trained on, and loading checks it (below)
         self.register_buffer("permutation", pixel_permutation(c.seq_len, c.permutation_seed))  # (L,)
         self.embed = nn.Linear(c.in_chans, c.d_model)
-        self.blocks = nn.ModuleList(
-            ResidualMamba2Block(dim=c.d_model, d_state=c.d_state, d_conv=c.d_conv, expand=c.expand,
-                                headdim=c.headdim, ngroups=c.ngroups, chunk_size=c.chunk_size, drop_path=p,
-                                backend=c.backend)
-            for p in drop_path_rates(c))
+        self.blocks = nn.ModuleList(ResidualMamba2Block(c, drop_path=p) for p in drop_path_rates(c))
         self.norm = nn.LayerNorm(c.d_model)
         self.head = classifier_head(c)
 

@@ -17,6 +17,14 @@ TINY = dict(d_model=16, num_blocks=2, d_state=8, headdim=8, dropout=0.0)
 
 
 @pytest.mark.parametrize("scan", ["uni", "bi", "cross"])
+
+def tiny_block(*, grid=4, drop_path=0.0, local_conv=False, **config):
+    """A VisionMambaBlock of width 16 on a grid x grid token grid (patch size 1), without the local conv unless asked."""
+    c = VisionMamba2Config(d_model=16, img_size=grid, patch_size=1, d_state=8, headdim=8, local_conv=local_conv,
+                           **config)
+    return VisionMambaBlock(c, drop_path=drop_path)
+
+
 def test_forward_backward_shapes(scan):
     torch.manual_seed(0)
     model = create_vision_mamba2_model(**TINY, scan=scan)
@@ -39,7 +47,7 @@ def test_local_conv_mixes_2d_neighbours_that_the_scan_reads_later(local_conv):
     """A one-way scan over a row-major grid: the first token's output depends on no other token, unless the
     block's 3x3 depthwise conv first mixes in its 2-D neighbours (the token to its right and the row below)."""
     torch.manual_seed(0)
-    block = VisionMambaBlock(dim=16, grid_size=4, scan="uni", d_state=8, headdim=8, local_conv=local_conv).eval()
+    block = tiny_block(scan="uni", local_conv=local_conv).eval()
     x = torch.randn(2, 16, 4, 4)
     for i, j in [(0, 1), (1, 0), (1, 1), (2, 2)]:
         moved = x.clone()
@@ -47,7 +55,7 @@ def test_local_conv_mixes_2d_neighbours_that_the_scan_reads_later(local_conv):
         changed = not torch.allclose(block(moved)[:, :, 0, 0], block(x)[:, :, 0, 0])
         assert changed == (local_conv and max(i, j) == 1), (i, j)
     params = sum(p.numel() for p in block.parameters())
-    plain = sum(p.numel() for p in VisionMambaBlock(dim=16, grid_size=4, scan="uni", d_state=8, headdim=8).parameters())
+    plain = sum(p.numel() for p in tiny_block(scan="uni").parameters())
     assert params - plain == (16 * 9 + 16 if local_conv else 0)  # one 3x3 filter and a bias per channel
 
 
@@ -68,7 +76,7 @@ def test_scan_orders_are_permutations(scan):
 def test_block_equals_mixer_run_on_each_direction(scan):
     """The block is x + mean over directions of mixer(norm(x) read in that order), put back in place."""
     torch.manual_seed(0)
-    block = VisionMambaBlock(dim=16, grid_size=5, scan=scan, d_state=8, headdim=8)
+    block = tiny_block(grid=5, scan=scan)
     torch.nn.init.normal_(block.direction_embed)
     x = torch.randn(2, 16, 5, 5)
     t = rearrange(x, "b c h w -> b (h w) c")
@@ -83,7 +91,7 @@ def test_uni_scan_is_causal_and_crosses_rows():
     """One sequence over the whole grid: a token reaches every later token, rows included, never earlier."""
     torch.manual_seed(0)
     # float64: at initialisation the SSM's decay makes far effects tiny, below float32 next to the residual
-    block = VisionMambaBlock(dim=16, grid_size=4, scan="uni", d_state=8, headdim=8).double()
+    block = tiny_block(scan="uni").double()
     x = torch.randn(1, 16, 4, 4, dtype=torch.float64)
     x2 = x.clone()
     x2[0, :, 1, 2] += torch.randn(16, dtype=torch.float64)  # token 6 in row-major order
@@ -121,7 +129,7 @@ def test_drop_path_skips_whole_residual_branches_in_training_only():
     in evaluation the block is deterministic and keeps every branch."""
     torch.manual_seed(0)
     p = 0.5
-    block = VisionMambaBlock(dim=16, grid_size=4, d_state=8, headdim=8, drop_path=p)
+    block = tiny_block(drop_path=p)
     x = torch.randn(64, 16, 4, 4)
     block.eval()
     branch = block(x) - x  # (B, C, H, W), all kept

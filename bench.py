@@ -244,7 +244,7 @@ def bench_models(args):
         write_json(args, "models", rows)  # row by row: a run cut short keeps what it measured
 
     # the naive pipeline: per-sample ToTensor + Normalize in a DataLoader, batch 32, fp32, one token per step
-    _, mean, std = data.DATASETS["mnist"]
+    mean, std = data.DATASETS["mnist"].mean, data.DATASETS["mnist"].std
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
     train_set, test_set = data.load_datasets("mnist", args.data_dir, tf)
 
@@ -334,7 +334,7 @@ def bench_train(args):
     """train.py's on-device pipeline vs the per-sample DataLoader of typical MNIST scripts (batch 32,
     ToTensor + Normalize in the loader): the pipeline alone, then whole training steps of the default model."""
     device = cli.resolve_device(args.device)
-    _, mean, std = data.DATASETS["mnist"]
+    mean, std = data.DATASETS["mnist"].mean, data.DATASETS["mnist"].std
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
     train_set, _ = data.load_datasets("mnist", args.data_dir, tf)
     train_set = Subset(train_set, range(min(args.train_samples or len(train_set), len(train_set))))
@@ -392,7 +392,7 @@ def bench_eval(args):
     else:
         model = create_vision_mamba2_model().to(device).eval()
         dataset, what = "mnist", "the default model (untrained)"
-        norm = dict(zip(("mean", "std"), data.DATASETS[dataset][1:]))
+        norm = {"mean": data.DATASETS[dataset].mean, "std": data.DATASETS[dataset].std}
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((norm["mean"],), (norm["std"],))])
     _, test = data.load_datasets(dataset, args.data_dir, tf)
     timed = Subset(test, range(min(args.eval_images or len(test), len(test))))  # the first images of the test set
@@ -542,14 +542,14 @@ def bench_scaling(args):
     import matplotlib.pyplot as plt
     import torch.nn as nn
 
-    from vision_mamba2 import ResidualMamba2Block
+    from vision_mamba2 import ResidualMamba2Block, SequentialMamba2Config
 
     device = cli.resolve_device(args.device)
     width, depth = 128, 4
 
     def mamba(backend):
-        return nn.Sequential(*(ResidualMamba2Block(dim=width, d_state=32, headdim=32, backend=backend)
-                               for _ in range(depth)))
+        config = SequentialMamba2Config(d_model=width, d_state=32, headdim=32, backend=backend)
+        return nn.Sequential(*(ResidualMamba2Block(config) for _ in range(depth)))
 
     def attention():  # a ViT block: pre-norm multi-head self-attention + MLP
         return nn.Sequential(*(nn.TransformerEncoderLayer(width, nhead=4, dim_feedforward=2 * width, dropout=0.0,

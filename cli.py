@@ -7,6 +7,7 @@ that reports a bad flag in one line, and exit_status, which makes every failure 
 """
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -72,6 +73,22 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def add_config_flags(group, config_cls):
+    """A flag for each field of a model config that has a help line (the dataclass is the one place that holds a
+    model's defaults and their meaning): --d-model for d_model, typed by the field, --no-... for booleans."""
+    for f in dataclasses.fields(config_cls):
+        if "help" not in f.metadata:
+            continue  # set from the data (in_chans, img_size, ...) or not worth a flag (chunk_size, ...)
+        flag, kwargs = "--" + f.name.replace("_", "-"), dict(default=f.default, help=f.metadata["help"])
+        if f.type is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif "choices" in f.metadata:
+            group.add_argument(flag, choices=f.metadata["choices"], **kwargs)
+        else:
+            kind = {int: int_at_least(1), float: float_in(0, 1, hi_open=True)}.get(f.type, int_at_least(0))
+            group.add_argument(flag, type=kind, **kwargs)
+
+
 def given_flags(parser, argv):
     """The flags on the command line, as dests (argparse fills in defaults only for attributes not yet set)."""
     unset = object()
@@ -104,7 +121,12 @@ def exit_status(run, who=""):
         print(f"error{who}: {' '.join(str(message).split())}", file=sys.stderr)  # one line, however long
         return status
     try:
-        return run()
+        status = run()
+        sys.stdout.flush()  # here, not at exit, where a closed pipe would print a traceback
+        return status
+    except BrokenPipeError:  # `... | head` read what it wanted and closed our stdout: files are written already
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush stays silent
+        return 0
     except UsageError as e:
         return fail(e, 2)
     except TrainingError as e:
@@ -114,4 +136,3 @@ def exit_status(run, who=""):
     except Exception as e:  # a bug: still one line, with where it happened
         frame = traceback.extract_tb(e.__traceback__)[-1]
         return fail(f"{type(e).__name__} at {os.path.basename(frame.filename)}:{frame.lineno}: {e}", 1)
-

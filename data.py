@@ -10,6 +10,7 @@ To add a dataset: a class with torchvision's signature and .data / .targets / .c
 import functools
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -49,19 +50,25 @@ class MNIST1D(torch.utils.data.Dataset):
         return self.data[i][None], int(self.targets[i])  # (1, 1, 40), label
 
 
-# name -> (dataset class with torchvision's signature, mean, std of its training values (pixels in [0, 1]))
+@dataclass(frozen=True)
+class Dataset:
+    cls: type  # torchvision's signature: cls(root, train=..., transform=..., download=...)
+    mean: float  # of its training values (pixels in [0, 1]): the normalization
+    std: float
+    shape: tuple  # (C, H, W) of one item
+    val_fraction: float  # of the training items, held out for validation: MNIST's 5,000, MNIST-1D's 500
+
+
 DATASETS = {
-    "mnist": (datasets.MNIST, 0.1307, 0.3081),
-    "fashion-mnist": (datasets.FashionMNIST, 0.2860, 0.3530),
-    "mnist1d": (MNIST1D, 0.0, 1.0),
+    "mnist": Dataset(datasets.MNIST, 0.1307, 0.3081, (1, 28, 28), 1 / 12),
+    "fashion-mnist": Dataset(datasets.FashionMNIST, 0.2860, 0.3530, (1, 28, 28), 1 / 12),
+    "mnist1d": Dataset(MNIST1D, 0.0, 1.0, (1, 1, 40), 1 / 8),  # 1-D: for the sequential tasks only
 }
 
 
-SEQUENCE_DATASETS = {"mnist1d"}  # 1-D: for the sequential tasks only
-
-
-def load_datasets(name, data_dir, transform):
-    cls = DATASETS[name][0]
+def load_datasets(name, data_dir, transform=None):
+    """(train, test) datasets of DATASETS[name], downloaded into data_dir if they are not there."""
+    cls = DATASETS[name].cls
     try:
         return (cls(data_dir, train=True, transform=transform, download=True),
                 cls(data_dir, train=False, transform=transform, download=True))

@@ -46,7 +46,7 @@ from tqdm import tqdm
 import explain
 from checkpoint import atomic_write, load_checkpoint, model_kind, rebuild_model
 from cli import HelpFormatter, Parser, UsageError, device_name, exit_status, int_at_least, resolve_device
-from data import DATASETS, SEQUENCE_DATASETS, DeviceSplit, load_datasets
+from data import DATASETS, DeviceSplit, load_datasets
 from steps import keep_freed_memory_in_process
 from vision_mamba2 import count_params, describe_backend
 
@@ -199,10 +199,15 @@ def tile_titles(idx, preds, confidence, labels, classes):
 # ----------------------------------------------------------------------------------------------------
 # Main
 
+def class_names(dataset):
+    """Short class names: MNIST's "7 - seven" is 7."""
+    return [name.split(" - ")[0] for name in DATASETS[dataset].cls.classes]
+
+
 def classify_pictures(args, ckpt, model, device):
     """--image: each picture prepared as MNIST was made, one line of its three likeliest classes, and one figure;
     a file that is no picture of a digit is one line on stderr and exit status 2, after the others are answered."""
-    if model_kind(ckpt)[0] != "image" or ckpt["dataset"] in SEQUENCE_DATASETS:
+    if model_kind(ckpt)[0] != "image" or DATASETS[ckpt["dataset"]].shape[1] == 1:
         raise UsageError(f"--image needs an image classifier (train.py --task image); {args.checkpoint} reads "
                          f"{ckpt['dataset']} {model_kind(ckpt)[0]} sequences")
     norm, classes = ckpt["normalization"], class_names(ckpt["dataset"])
@@ -225,6 +230,12 @@ def classify_pictures(args, ckpt, model, device):
     return 2 if failed else 0
 
 
+def of_distinct_classes(labels, seed, n):
+    """n test items of as many classes: in a random order drawn with seed, the first of each class."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+    return order[np.sort(np.unique(labels[order], return_index=True)[1])][:n]
+
+
 def draw_attention(args, model, split, classes, norm):
     """--attention: attention.png, for ATTENTION_DIGITS test digits of as many classes, drawn with --seed."""
     labels = split.labels.cpu().numpy()
@@ -241,12 +252,6 @@ def draw_attention(args, model, split, classes, norm):
                                        directions=len(model.blocks[0].order)), out)
     print(f"wrote {out}")
     return 0
-
-
-def of_distinct_classes(labels, seed, n):
-    """n test items of as many classes: in a random order drawn with seed, the first of each class."""
-    order = np.random.default_rng(seed).permutation(len(labels))
-    return order[np.sort(np.unique(labels[order], return_index=True)[1])][:n]
 
 
 def read_pixel_by_pixel(args, model, test, split, probs, labels, classes, path):
@@ -278,35 +283,17 @@ def read_pixel_by_pixel(args, model, test, split, probs, labels, classes, path):
             "parallel_accuracy": parallel, "max_probability_difference": gap}
 
 
-def class_names(dataset):
-    """Short class names: MNIST's "7 - seven" is 7."""
-    return [name.split(" - ")[0] for name in DATASETS[dataset][0].classes]
-
-
-def evaluate(args):
-    if args.checkpoint is None:
-        args.checkpoint, which = default_checkpoint()
-        print(which)
-    ckpt = load_checkpoint(args.checkpoint)
-    device = resolve_device(args.device)
-    model = rebuild_model(ckpt, args.checkpoint, device)
-    if args.image:
-        return classify_pictures(args, ckpt, model, device)
-    if args.attention and model_kind(ckpt) != ("image", "mamba2"):
-        raise UsageError(f"--attention draws Vision Mamba 2's blocks (train.py --task image --arch mamba2); "
-                         f"{args.checkpoint} holds a {'/'.join(model_kind(ckpt))} model")
+def load_test_split(args, ckpt, model, device):
+    """(dataset name, torchvision test set, the test set as one tensor on the device, normalized as the model saw
+    its training data), after saying what is evaluated where."""
     trained_on = ckpt["dataset"]
     dataset = args.dataset or trained_on
     if dataset not in DATASETS:
         raise UsageError(f"{args.checkpoint} was trained on {dataset!r}, a dataset this code does not know: "
                          f"pass --dataset ({', '.join(DATASETS)})")
-
-    # the test set as one tensor on the device, normalized as the model saw its training data
-    _, test = load_datasets(dataset, args.data_dir, transform=None)
+    _, test = load_datasets(dataset, args.data_dir)
     norm = ckpt["normalization"]
     split = DeviceSplit(DataLoader(test, batch_size=args.batch_size), device, norm["mean"], norm["std"])
-    classes = test.classes
-
     task, arch = model_kind(ckpt)
     backend = f"backend {describe_backend(model.config.backend, device)}, " if arch == "mamba2" else ""
     print(f"checkpoint {args.checkpoint}: task {task}, arch {arch}, epoch {ckpt['epoch']}, trained on "
@@ -317,37 +304,17 @@ def evaluate(args):
     except ValueError:
         raise UsageError(f"the {dataset} test set holds items of shape {shape}, which this model, trained on "
                          f"{trained_on}, does not read: pass the --dataset it was trained on") from None
-    if args.attention:
-        return draw_attention(args, model, split, class_names(dataset), norm)
-    try:
-        probs, labels = predict(model, split)
-    except torch.OutOfMemoryError:
-        raise UsageError(f"out of memory on {device}: lower --batch-size (now {args.batch_size})") from None
-    preds, confidence = probs.argmax(axis=1), probs.max(axis=1)
-    metrics = compute_metrics(preds, labels, classes)
-    acc, cm = metrics["accuracy"], metrics["confusion_matrix"]
+    return dataset, test, split
 
-    print(f"\n{dataset} test set: accuracy {acc:.2%} ({metrics['correct']:,} / {metrics['num_images']:,})")
-    print("\nper-class accuracy:")
-    width = max(map(len, classes))
-    for name, m in metrics["per_class"].items():
-        class_acc = "-" if m["accuracy"] is None else f"{m['accuracy']:.2%}"
-        print(f"  {name:<{width}}  {class_acc:>7}  ({m['correct']:,} / {m['support']:,})")
-    confusions = top_confusions(cm)
-    if confusions:
-        print("\nmost frequent mistakes (true -> predicted):")
-        for t, p, count in confusions:
-            print(f"  {classes[t]} -> {classes[p]}: {count:,}")
-    print("\nclassification report:")
-    print(classification_report(labels, preds, labels=list(range(len(classes))), target_names=classes, digits=4,
-                                zero_division=0))
 
-    os.makedirs(args.out_dir, exist_ok=True)
+def draw_figures(args, dataset, split, probs, labels, metrics):
+    """confusion_matrix.png, predictions_visualization.png, confident_mistakes.png; returns their paths."""
+    preds, confidence, classes = probs.argmax(axis=1), probs.max(axis=1), metrics["classes"]
     paths = {name: os.path.join(args.out_dir, name) for name in
-             ("confusion_matrix.png", "predictions_visualization.png", "confident_mistakes.png", "metrics.json")}
-    title = (f"{os.path.basename(args.checkpoint)} on the {dataset} test set: accuracy {acc:.2%} "
+             ("confusion_matrix.png", "predictions_visualization.png", "confident_mistakes.png")}
+    title = (f"{os.path.basename(args.checkpoint)} on the {dataset} test set: accuracy {metrics['accuracy']:.2%} "
              f"({metrics['num_images']:,} images)\nblue: correct; red: mistakes (log colour scale)")
-    plot_confusion_matrix(cm, classes, title, paths["confusion_matrix.png"])
+    plot_confusion_matrix(metrics["confusion_matrix"], classes, title, paths["confusion_matrix.png"])
 
     rng = np.random.default_rng(args.seed)
     shown = rng.choice(len(labels), size=min(args.num_samples, len(labels)), replace=False)
@@ -363,15 +330,64 @@ def evaluate(args):
               f"the {len(worst)} most confident of {len(wrong):,} mistakes" if len(wrong) else
               f"no mistakes on the {len(labels):,} test images",
               paths["confident_mistakes.png"])
+    return paths
 
-    report = {"checkpoint": {"path": args.checkpoint, "task": task, "arch": arch,
-                             "epoch": ckpt["epoch"], "trained_on": trained_on},
-              "dataset": dataset, **metrics}
+
+def print_report(dataset, metrics, labels, preds):
+    """Accuracy, per-class accuracy, the most frequent confusions and sklearn's classification report."""
+    classes = metrics["classes"]
+    print(f"\n{dataset} test set: accuracy {metrics['accuracy']:.2%} ({metrics['correct']:,} / "
+          f"{metrics['num_images']:,})")
+    print("\nper-class accuracy:")
+    width = max(map(len, classes))
+    for name, m in metrics["per_class"].items():
+        class_acc = "-" if m["accuracy"] is None else f"{m['accuracy']:.2%}"
+        print(f"  {name:<{width}}  {class_acc:>7}  ({m['correct']:,} / {m['support']:,})")
+    confusions = top_confusions(metrics["confusion_matrix"])
+    if confusions:
+        print("\nmost frequent mistakes (true -> predicted):")
+        for t, p, count in confusions:
+            print(f"  {classes[t]} -> {classes[p]}: {count:,}")
+    print("\nclassification report:")
+    print(classification_report(labels, preds, labels=list(range(len(classes))), target_names=classes, digits=4,
+                                zero_division=0))
+
+
+def evaluate(args):
+    """The whole test set once through the model; every figure, metrics.json and the printed report come from those
+    predictions. The files are written before the report is printed, so that `| head` loses nothing."""
+    if args.checkpoint is None:
+        args.checkpoint, which = default_checkpoint()
+        print(which)
+    ckpt = load_checkpoint(args.checkpoint)
+    device = resolve_device(args.device)
+    model = rebuild_model(ckpt, args.checkpoint, device)
+    if args.image:
+        return classify_pictures(args, ckpt, model, device)
+    if args.attention and model_kind(ckpt) != ("image", "mamba2"):
+        raise UsageError(f"--attention draws Vision Mamba 2's blocks (train.py --task image --arch mamba2); "
+                         f"{args.checkpoint} holds a {'/'.join(model_kind(ckpt))} model")
+    dataset, test, split = load_test_split(args, ckpt, model, device)
+    if args.attention:
+        return draw_attention(args, model, split, class_names(dataset), ckpt["normalization"])
+    try:
+        probs, labels = predict(model, split)
+    except torch.OutOfMemoryError:
+        raise UsageError(f"out of memory on {device}: lower --batch-size (now {args.batch_size})") from None
+    preds = probs.argmax(axis=1)
+    metrics = compute_metrics(preds, labels, test.classes)
+    os.makedirs(args.out_dir, exist_ok=True)
+    paths = draw_figures(args, dataset, split, probs, labels, metrics)
+    task, arch = model_kind(ckpt)
+    report = {"checkpoint": {"path": args.checkpoint, "task": task, "arch": arch, "epoch": ckpt["epoch"],
+                             "trained_on": ckpt["dataset"]}, "dataset": dataset, **metrics}
     if task in ("smnist", "psmnist"):
         paths["reading.png"] = os.path.join(args.out_dir, "reading.png")
         report["reading"] = read_pixel_by_pixel(args, model, test, split, probs, labels, class_names(dataset),
                                                 paths["reading.png"])
+    paths["metrics.json"] = os.path.join(args.out_dir, "metrics.json")
     atomic_write(paths["metrics.json"], lambda f: f.write(json.dumps(report, indent=2).encode()))
+    print_report(dataset, metrics, labels, preds)
     print(f"wrote {', '.join(paths.values())}")
     return 0
 

@@ -109,7 +109,7 @@ def test_train_py_with_cuda_graphs(data_dir, tmp_path):
     # the ones train.py compiles, already in Triton's cache after a training run (.ci/gpu), not compiled again
     env = {**{k: v for k, v in PROC_ENV.items() if k != "TRITON_F32_DEFAULT"}, "TRITON_INTERPRET": "0"}
     cmd = [sys.executable, str(REPO / "train.py"), "--cuda-graphs", "--device", "cuda", "--d-model", "32",
-           "--num-blocks", "1", "--batch-size", "32", "--val-size", "50", "--epochs", "2", "--data-dir", str(data_dir),
+           "--num-blocks", "1", "--batch-size", "32", "--epochs", "2", "--data-dir", str(data_dir),
            "--out", str(tmp_path / "m.pth"), "--log-dir", str(tmp_path / "runs")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -1,8 +1,8 @@
 """
 train.py under torchrun: two CPU processes (gloo) on the tiny synthetic MNIST of test_train.py. A finished run
-writes one set of outputs whose numbers a single process reproduces from its checkpoint; checkpoints resume
-under another number of processes (saved at the end of an epoch) or exactly under the same (saved mid-epoch
-by Ctrl-C); a rank that fails ends the job. The GPU path (nccl, one GPU per process) is the same code with
+writes one set of outputs whose numbers a single process reproduces from its checkpoint; checkpoints (saved at the
+end of each epoch) resume under another number of processes, and exactly under the same after Ctrl-C; a rank that
+fails ends the job. The GPU path (nccl, one GPU per process) is the same code with
 another backend and device, and is not run here.
 """
 
@@ -27,8 +27,7 @@ from test_train import CURVES, TINY, run_main, scalars, train_cmd
 from vision_mamba2 import create_vision_mamba2_model
 
 EPOCHS = 2
-# 8 images per step and process: 16 steps per epoch, each a log step, so a Ctrl-C stops the next one
-DDP = ["--batch-size", "8", "--log-interval", "1"]
+DDP = ["--batch-size", "8"]  # 8 images per step and process: 18 steps per epoch
 
 
 def torchrun_prefix():
@@ -65,20 +64,20 @@ def test_two_processes_equal_one_evaluating_their_checkpoint(ddp_run, data_dir, 
     # rank 0 alone prints and writes: each epoch once, one set of files, one TensorBoard curve
     assert epoch_lines(proc.stdout) == [f"epoch {e}/{EPOCHS}" for e in range(1, EPOCHS + 1)]
     assert "torchrun: 2 processes (gloo)" in proc.stdout and "effective batch size 16" in proc.stdout
-    assert sorted(p.name for p in out_dir.iterdir()) == ["m.pth", "m_last.pth", "runs", "training_history.png"]
-    assert [step for step, _ in scalars(out_dir / "runs" / "tiny")["loss/val"]] == list(range(1, EPOCHS + 1))
+    assert sorted(p.name for p in out_dir.iterdir()) == ["m.json", "m.pth", "m_last.pth", "runs",
+                                                         "training_history.png"]
+    assert [step for step, _ in scalars(out_dir / "runs")["loss/val"]] == list(range(1, EPOCHS + 1))
 
     best, last = load(out_dir / "m.pth"), load(out_dir / "m_last.pth")
-    assert last["epoch"] == EPOCHS and last["epoch_state"] is None and len(last["other_ranks"]) == 1
+    assert last["epoch"] == EPOCHS
     assert not [key for key in best["model"] if key.startswith("module.")]  # the model, not its DDP wrapper
 
     # one process evaluates the checkpoint on the same validation and test splits
     model = create_vision_mamba2_model(**best["config"])
     model.load_state_dict(best["model"])
     saved = best["args"]
-    loaders = train.get_mnist_dataloaders(data_dir=data_dir, batch_size=saved["batch_size"],
-                                          val_size=saved["val_size"], seed=saved["seed"])
-    criterion = nn.CrossEntropyLoss(label_smoothing=saved["label_smoothing"])
+    loaders = train.get_mnist_dataloaders(data_dir=data_dir, batch_size=saved["batch_size"], seed=saved["seed"])
+    criterion = nn.CrossEntropyLoss(label_smoothing=train.LABEL_SMOOTHING)
     for loader, key in [(loaders[1], "val"), (loaders[2], "test")]:
         split = data.DeviceSplit(loader, torch.device("cpu"), **best["normalization"])
         loss, acc = train.evaluate(model, split, criterion, key)
@@ -96,17 +95,17 @@ def test_two_processes_equal_one_evaluating_their_checkpoint(ddp_run, data_dir, 
 def test_epoch_end_checkpoint_resumes_in_one_process(ddp_run, data_dir, tmp_path):
     shutil.copytree(ddp_run[0], tmp_path, dirs_exist_ok=True)
     assert run_main([*TINY, *DDP, "--data-dir", data_dir, "--out", tmp_path / "m.pth", "--log-dir", tmp_path / "runs",
-                     "--run-name", "tiny", "--resume", tmp_path / "m_last.pth", "--epochs", EPOCHS + 1]) == 0
+                     "--resume", tmp_path / "m_last.pth", "--epochs", EPOCHS + 1]) == 0
     after = load(tmp_path / "m_last.pth")
-    assert after["epoch"] == EPOCHS + 1 and after["other_ranks"] == []
+    assert after["epoch"] == EPOCHS + 1
     assert after["history"]["train_loss"][:EPOCHS] == load(ddp_run[0] / "m_last.pth")["history"]["train_loss"]
-    # one process takes twice the steps per epoch; the schedule went on from where the two left it, so the
-    # last step ends the cosine decay
-    assert after["history"]["lr"][-1] == 0.0
+    # one process takes twice the steps per epoch; the schedule goes on from where the two left it (a function of
+    # the step), so the last step is at the very end of the cosine decay
+    assert 0 < after["history"]["lr"][-1] < 1e-3 * after["args"]["lr"]
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process")
-def test_ctrl_c_stops_every_rank_and_resume_is_exact(ddp_run, data_dir, tmp_path, capsys):
+def test_ctrl_c_stops_every_rank_and_resume_is_exact(ddp_run, data_dir, tmp_path):
     # Ctrl-C in a terminal reaches torchrun, which passes SIGINT on to every rank
     proc = subprocess.Popen(torchrun_cmd(data_dir, tmp_path, "--epochs", str(EPOCHS)), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=PROC_ENV)
@@ -119,16 +118,8 @@ def test_ctrl_c_stops_every_rank_and_resume_is_exact(ddp_run, data_dir, tmp_path
     out, rest = proc.communicate(timeout=120)
     err = (err + rest).decode()
     assert proc.returncode != 0  # torchrun reports the interrupted ranks' exit status 130 as a failure
-    assert err.count("interrupted in epoch 2 at step ") == 1 and "--resume" in err
-    interrupted = load(tmp_path / "m_last.pth")
-    assert interrupted["epoch"] == 1 and 1 <= interrupted["epoch_state"]["step"] < 16
-    assert interrupted["other_ranks"][0]["epoch_state"]["step"] == interrupted["epoch_state"]["step"]
-
-    # mid-epoch, each rank's place in its share of the data is saved: another number of processes is refused
-    argv = [*TINY, *DDP, "--data-dir", data_dir, "--out", tmp_path / "m.pth", "--resume", tmp_path / "m_last.pth"]
-    assert run_main(argv) == 2
-    err1 = capsys.readouterr().err
-    assert err1.count("\n") == 1 and "saved in the middle of an epoch by 2 process(es)" in err1
+    assert "interrupted in epoch 2" in err and 'train.py", line' not in err  # (torchrun prints a traceback of its own)
+    assert load(tmp_path / "m_last.pth")["epoch"] == 1  # the last epoch the job finished
 
     proc = torchrun(data_dir, tmp_path, "--resume", str(tmp_path / "m_last.pth"))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -139,14 +130,10 @@ def test_ctrl_c_stops_every_rank_and_resume_is_exact(ddp_run, data_dir, tmp_path
     assert load(tmp_path / "m.pth")["metrics"]["test_acc"] == load(ddp_run[0] / "m.pth")["metrics"]["test_acc"]
 
 
-@pytest.mark.parametrize("on_device", [True, False], ids=["DeviceSplit", "LoaderSplit"])
-def test_each_rank_gets_its_own_part_of_every_split(data_dir, on_device):
+def test_each_rank_gets_its_own_part_of_every_split(data_dir):
     def splits(**shard):  # as a process of torchrun builds them (DistributedSampler needs no process group here)
-        loaders = train.get_mnist_dataloaders(data_dir=data_dir, batch_size=8, val_size=50, max_train_samples=249,
-                                              **shard)
-        cpu = torch.device("cpu")
-        return [data.DeviceSplit(dl, cpu, 0.1307, 0.3081) if on_device else train.LoaderSplit(dl, cpu)
-                for dl in loaders]
+        loaders = train.get_mnist_dataloaders(data_dir=data_dir, batch_size=8, max_train_samples=249, **shard)
+        return [data.DeviceSplit(dl, torch.device("cpu"), 0.1307, 0.3081) for dl in loaders]
 
     def images(split, epoch=None):  # each image's bytes, in the order the split gives them
         generator = None if epoch is None else torch.Generator().manual_seed(epoch)
@@ -183,16 +170,15 @@ def test_cnn_validates_with_rank_0s_batchnorm_statistics(ema, data_dir, tmp_path
     # rank's BatchNorm running statistics differ (and so do their averages, --ema), and validation must use the
     # ones the checkpoint holds
     cmd = [*torchrun_prefix(), str(REPO / "train.py"), "--arch", "cnn", "--width", "4", "--batch-size", "8",
-           "--val-size", "50", "--device", "cpu", "--seed", "0", "--epochs", "1", "--data-dir", str(data_dir),
+           "--device", "cpu", "--seed", "0", "--epochs", "1", "--data-dir", str(data_dir),
            "--out", str(tmp_path / "c.pth"), "--log-dir", str(tmp_path / "runs"), *ema]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=PROC_ENV, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     best = load(tmp_path / "c.pth")
     model = checkpoint.rebuild_model(best, "c.pth", torch.device("cpu"))
     saved = best["args"]
-    loaders = train.get_mnist_dataloaders(data_dir=data_dir, batch_size=saved["batch_size"],
-                                          val_size=saved["val_size"], seed=saved["seed"])
+    loaders = train.get_mnist_dataloaders(data_dir=data_dir, batch_size=saved["batch_size"], seed=saved["seed"])
     split = data.DeviceSplit(loaders[1], torch.device("cpu"), **best["normalization"])
-    criterion = nn.CrossEntropyLoss(label_smoothing=saved["label_smoothing"])
+    criterion = nn.CrossEntropyLoss(label_smoothing=train.LABEL_SMOOTHING)
     loss, acc = train.evaluate(model, split, criterion, "val")
     assert acc == best["metrics"]["val_acc"] and loss == pytest.approx(best["metrics"]["val_loss"], rel=1e-5)

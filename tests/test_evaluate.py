@@ -95,7 +95,7 @@ def test_an_image_model_refuses_sequences_in_one_line(checkpoint, data_dir, tmp_
 
 def test_other_datasets_use_their_class_names(checkpoint, data_dir, tmp_path, capsys):
     ckpt = load(checkpoint)
-    _, mean, std = data.DATASETS["fashion-mnist"]
+    mean, std = data.DATASETS["fashion-mnist"].mean, data.DATASETS["fashion-mnist"].std
     ckpt.update(dataset="fashion-mnist", normalization={"mean": mean, "std": std})
     ckpt["args"]["dataset"] = "fashion-mnist"
     torch.save(ckpt, tmp_path / "fashion.pth")

@@ -14,7 +14,7 @@ from vision_mamba2 import ResidualMamba2Block, SequentialMamba2, SequentialMamba
 
 TINY = dict(d_model=16, num_blocks=2, d_state=8, headdim=8, dropout=0.0)
 TINY_FLAGS = ["--d-model", "16", "--num-blocks", "1", "--d-state", "16", "--headdim", "8", "--batch-size", "32",
-              "--val-size", "50", "--device", "cpu", "--seed", "0", "--log-interval", "3"]
+              "--device", "cpu", "--seed", "0"]
 
 
 def model(**overrides):
@@ -52,7 +52,7 @@ def test_changing_a_pixel_changes_nothing_before_its_step(permutation_seed):
 
 def test_drop_path_skips_a_samples_whole_block_in_training_only():
     torch.manual_seed(0)
-    block = ResidualMamba2Block(dim=16, d_state=8, headdim=8, drop_path=0.5)
+    block = ResidualMamba2Block(SequentialMamba2Config(d_model=16, d_state=8, headdim=8), drop_path=0.5)
     x = torch.randn(64, 10, 16)  # (B, L, D)
     skipped = (block.train()(x) - x).flatten(1).abs().amax(1) == 0
     assert 0 < skipped.sum() < len(x)
@@ -107,12 +107,12 @@ def test_wrong_inputs_and_unknown_keys():
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--task", "smnist", "--scan", "bi"], "--scan applies only to --task image, not to smnist"),
+    (["--task", "smnist", "--scan", "bi"], "--scan belongs to --task/--arch image/mamba2, not to smnist/mamba2"),
     (["--task", "psmnist", "--aug-rotate", "5"], "--aug-rotate applies only to --task image"),
-    (["--readout", "last"], "--readout applies only to --task smnist or psmnist, not to image"),
+    (["--readout", "last"], "--readout belongs to --task/--arch smnist/mamba2, psmnist/mamba2, not to image/mamba2"),
     (["--task", "smnist", "--permutation-seed", "3"], "--permutation-seed applies only to --task psmnist"),
-    (["--task", "smnist", "--local-conv"], "--local-conv applies only to --task image, not to smnist"),
-    (["--task", "smnist", "--patch-size", "4"], "--patch-size applies only to --task image, not to smnist"),
+    (["--task", "smnist", "--no-local-conv"], "--no-local-conv belongs to --task/--arch image/mamba2, not to smnist"),
+    (["--task", "smnist", "--patch-size", "4"], "--patch-size belongs to --task/--arch image/mamba2, image/vit, not"),
     (["--dataset", "mnist1d"], "--dataset mnist1d holds 1-D sequences, not images: train on it with --task smnist"),
 ])
 def test_flags_of_another_task_are_errors(argv, message, tmp_path, capsys):
@@ -180,7 +180,7 @@ def test_mnist1d_trains_and_evaluates(data_dir, tmp_path):
     proc = run("train.py", "--task", "psmnist", "--dataset", "mnist1d", *TINY_FLAGS, "--epochs", "1",
                "--max-train-samples", "256", "--out", out, "--log-dir", tmp_path / "runs")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "mnist1d: 256 train / 50 validation / 1,000 test images" in proc.stdout
+    assert "mnist1d: 256 train / 500 validation / 1,000 test images" in proc.stdout
     assert "task psmnist: 40 pixels per image" in proc.stdout and "test: loss" in proc.stdout
     ckpt = load(out)
     assert ckpt["config"]["seq_len"] == 40 and ckpt["dataset"] == "mnist1d"

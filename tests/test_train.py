@@ -16,6 +16,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import checkpoint
+import data
 import steps
 import test_model
 import train
@@ -23,15 +24,14 @@ from helpers import PROC_ENV, REPO, load
 from vision_mamba2 import create_vision_mamba2_model
 
 TINY = ["--d-model", "16", "--num-blocks", "1", "--d-state", "16", "--headdim", "8", "--batch-size", "32",
-        "--val-size", "50", "--lr", "1e-2", "--device", "cpu", "--num-workers", "0", "--seed", "0",
-        "--log-interval", "3"]
+        "--lr", "1e-2", "--device", "cpu", "--seed", "0"]
 EPOCHS = 3
 CURVES = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")  # history entries that must replay exactly
 
 
 def train_cmd(data_dir, out_dir, *extra):
     return [sys.executable, str(REPO / "train.py"), *TINY, "--data-dir", str(data_dir),
-            "--out", str(out_dir / "m.pth"), "--log-dir", str(out_dir / "runs"), "--run-name", "tiny", *extra]
+            "--out", str(out_dir / "m.pth"), "--log-dir", str(out_dir / "runs"), *extra]
 
 
 def run_train(data_dir, out_dir, *extra):
@@ -39,7 +39,9 @@ def run_train(data_dir, out_dir, *extra):
                           timeout=300)
 
 
-def scalars(run_dir):
+def scalars(log_dir):
+    """The TensorBoard scalars of the one run logged under log_dir (a resumed run logs into its run's folder)."""
+    run_dir, = log_dir.iterdir()
     acc = EventAccumulator(str(run_dir))
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
@@ -63,11 +65,11 @@ def test_end_to_end_outputs(reference):
 
     best, last = load(out_dir / "m.pth"), load(out_dir / "m_last.pth")
     for ckpt in (best, last):
-        assert {"format", "model", "config", "args", "epoch", "metrics", "optimizer", "scheduler", "scaler", "rng",
-                "best_val_acc", "history", "dataset", "normalization"} <= set(ckpt)
+        assert {"format", "model", "config", "args", "epoch", "metrics", "optimizer", "scaler", "best_val_acc",
+                "history", "dataset", "normalization"} <= set(ckpt)
         assert ckpt["dataset"] == "mnist" and ckpt["normalization"] == {"mean": 0.1307, "std": 0.3081}
         assert ckpt["config"]["d_model"] == 16 and ckpt["args"]["epochs"] == EPOCHS
-    assert last["epoch"] == EPOCHS and last["epoch_state"] is None
+    assert last["epoch"] == EPOCHS
     assert best["epoch"] == best["best_epoch"] == 1 + int(np.argmax(last["history"]["val_acc"]))
     assert best["metrics"]["val_acc"] == best["best_val_acc"] == max(last["history"]["val_acc"])
     assert 0 <= best["metrics"]["test_acc"] <= 1
@@ -83,7 +85,7 @@ def test_end_to_end_outputs(reference):
     assert (out_dir / "training_history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out_dir.glob("*.tmp"))
 
-    tb = scalars(out_dir / "runs" / "tiny")
+    tb = scalars(out_dir / "runs")
     for tag in ("loss/train", "loss/val", "accuracy/train", "accuracy/val", "lr", "images_per_sec"):
         assert [step for step, _ in tb[tag]] == list(range(1, EPOCHS + 1)), tag
     assert [v for _, v in tb["loss/val"]] == pytest.approx(history["val_loss"])
@@ -91,25 +93,23 @@ def test_end_to_end_outputs(reference):
 
 
 def test_resume_continues_epoch_count(reference, data_dir, tmp_path):
-    # also trains the resumed epoch from standard DataLoaders: the path for datasets that don't fit on the device
     shutil.copytree(reference[0], tmp_path, dirs_exist_ok=True)
     before = load(tmp_path / "m_last.pth")
-    proc = run_train(data_dir, tmp_path, "--resume", str(tmp_path / "m_last.pth"), "--epochs", str(EPOCHS + 1),
-                     "--no-data-on-device")
+    proc = run_train(data_dir, tmp_path, "--resume", str(tmp_path / "m_last.pth"), "--epochs", str(EPOCHS + 1))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [line.split(" |")[0] for line in proc.stdout.splitlines() if line.startswith("epoch ")] == \
         [f"epoch {EPOCHS + 1}/{EPOCHS + 1}"]
     after = load(tmp_path / "m_last.pth")
     assert after["epoch"] == EPOCHS + 1
     assert after["history"]["train_loss"][:EPOCHS] == before["history"]["train_loss"]
-    tb = scalars(tmp_path / "runs" / "tiny")
+    tb = scalars(tmp_path / "runs")
     assert [step for step, _ in tb["loss/train"]] == list(range(1, EPOCHS + 2))
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process")
 def test_interrupt_saves_resumable_checkpoint_and_resume_is_exact(reference, data_dir, tmp_path):
-    # same command as the reference run, Ctrl-C'd during epoch 2, then resumed: the finished run must
-    # match the uninterrupted one number for number (same seed, same CPU)
+    # same command as the reference run, Ctrl-C'd during epoch 2, then resumed, which redoes epoch 2: the finished
+    # run must match the uninterrupted one number for number (same seed, same CPU)
     proc = subprocess.Popen(train_cmd(data_dir, tmp_path, "--epochs", str(EPOCHS)), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=PROC_ENV)
     err = b""
@@ -122,7 +122,7 @@ def test_interrupt_saves_resumable_checkpoint_and_resume_is_exact(reference, dat
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err and "--resume" in err
     interrupted = load(tmp_path / "m_last.pth")  # whole and loadable
-    assert interrupted["epoch"] == 1 and interrupted["epoch_state"]["step"] >= 1  # stopped inside epoch 2
+    assert interrupted["epoch"] == 1  # the last epoch it finished
 
     proc = run_train(data_dir, tmp_path, "--resume", str(tmp_path / "m_last.pth"))
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -161,11 +161,11 @@ def test_same_seed_same_losses(data_dir, tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
     real_train_one_epoch = train.train_one_epoch
 
-    def poisoned(model, split, **kwargs):  # epoch 2 starts from NaN weights
-        if kwargs["epoch"] == 2:
+    def poisoned(run, epoch):  # epoch 2 starts from NaN weights
+        if epoch == 2:
             with torch.no_grad():
-                next(model.parameters()).fill_(float("nan"))
-        return real_train_one_epoch(model, split, **kwargs)
+                next(run.raw_model.parameters()).fill_(float("nan"))
+        return real_train_one_epoch(run, epoch)
 
     monkeypatch.setattr(train, "train_one_epoch", poisoned)
     status = run_main([*TINY, "--data-dir", data_dir, "--out", tmp_path / "m.pth", "--log-dir", tmp_path / "runs",
@@ -182,8 +182,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monke
 def test_early_stopping_patience_grows_with_the_run(epochs, patience, ran, data_dir, tmp_path, monkeypatch, capsys):
     """Validation accuracy that never improves after epoch 1: the run stops once `patience` epochs have gone
     by without a better one; the default patience is half of --epochs, at least 5."""
-    def no_training(model, split, **kwargs):  # the weights never change, so neither does validation accuracy
-        return {"train_loss": 1.0, "train_acc": 0.1, "images_per_sec": 1.0}, None
+    def no_training(run, epoch):  # the weights never change, so neither does validation accuracy
+        return {"train_loss": 1.0, "train_acc": 0.1, "images_per_sec": 1.0}
 
     monkeypatch.setattr(train, "train_one_epoch", no_training)
     flags = [] if patience is None else ["--patience", patience]
@@ -246,40 +246,43 @@ def test_a_run_on_another_dataset_leaves_the_mnist_checkpoint_alone(data_dir, tm
 def test_ema_validates_checkpoints_and_resumes_the_average_of_the_weights(data_dir, tmp_path, monkeypatch):
     """--ema D: the checkpoint's model is the exponential moving average of the weights after each step (the raw
     ones ride along for resume), validation scores that average, and a resumed run continues it exactly."""
-    steps = []  # the raw weights after every optimizer step
+    after_each_step = []  # the raw weights after every optimizer step
     real_train_one_epoch = train.train_one_epoch
 
-    def recording(model, split, *, update_ema, **kwargs):
-        def update():
-            steps.append({k: v.clone() for k, v in model.state_dict().items()})
-            update_ema()
-        return real_train_one_epoch(model, split, update_ema=update, **kwargs)
+    def recording(run, epoch):
+        if epoch == run.start_epoch + 1:  # once a run: record, then update the average
+            real_update = run.ema.update
+
+            def update():
+                after_each_step.append({k: v.clone() for k, v in run.raw_model.state_dict().items()})
+                real_update()
+            run.ema.update = update
+        return real_train_one_epoch(run, epoch)
 
     monkeypatch.setattr(train, "train_one_epoch", recording)
     # 8 steps an epoch: the one-epoch run below can average with 0.5 (the cap, 1 - 4/8, does not bind)
-    flags = [*TINY, "--data-dir", data_dir, "--max-train-samples", 96, "--batch-size", 12, "--ema", 0.5,
-             "--run-name", "tiny"]
+    flags = [*TINY, "--data-dir", data_dir, "--max-train-samples", 96, "--batch-size", 12, "--ema", 0.5]
     assert run_main([*flags, "--out", tmp_path / "m.pth", "--log-dir", tmp_path / "runs", "--epochs", 2]) == 0
     last = load(tmp_path / "m_last.pth")
-    assert last["ema_updates"] == len(steps) > 2
-    expected = steps[0]  # the average starts at the weights after the first step
-    for raw in steps[1:]:
+    assert last["ema_updates"] == len(after_each_step) > 2
+    expected = after_each_step[0]  # the average starts at the weights after the first step
+    for raw in after_each_step[1:]:
         expected = {k: torch.lerp(e, raw[k], 0.5) for k, e in expected.items()}
     assert last["model"].keys() == expected.keys()
     for k, e in expected.items():
         torch.testing.assert_close(last["model"][k], e, msg=k)
-        assert torch.equal(last["raw_model"][k], steps[-1][k]), k
+        assert torch.equal(last["raw_model"][k], after_each_step[-1][k]), k
     assert not all(torch.equal(last["model"][k], last["raw_model"][k]) for k in expected)
 
     # validation scored the average, which is what the checkpoint holds for test_model.py
-    _, val_loader, _ = train.get_mnist_dataloaders(data_dir=str(data_dir), batch_size=64, val_size=50,
-                                                   max_train_samples=96, seed=0)
+    _, val_loader, _ = train.get_mnist_dataloaders(data_dir=str(data_dir), batch_size=64, max_train_samples=96,
+                                                   seed=0)
     model = checkpoint.rebuild_model(last, str(tmp_path / "m_last.pth"), torch.device("cpu"))
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-    val_loss, _ = train.evaluate(model, train.LoaderSplit(val_loader, torch.device("cpu")), criterion,
+    val_loss, _ = train.evaluate(model, data.DeviceSplit(val_loader, torch.device("cpu"), 0.1307, 0.3081), criterion,
                                  "validation")
     assert val_loss == pytest.approx(last["history"]["val_loss"][-1], rel=1e-5)
-    raw_accuracies = [value for _, value in scalars(tmp_path / "runs" / "tiny")["accuracy/val_raw_weights"]]
+    raw_accuracies = [value for _, value in scalars(tmp_path / "runs")["accuracy/val_raw_weights"]]
     assert raw_accuracies == pytest.approx(last["history"]["val_acc_raw"]) and len(raw_accuracies) == 2  # plotted
 
     # one epoch, then a resumed second: the same average and raw weights as the straight run
@@ -342,10 +345,12 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     (["--dropout", "1.5"], "--dropout: must be in [0, 1)"),
     (["--dataset", "cifar10"], "--dataset: invalid choice"),
     (["--device", "toaster"], "--device: not a torch device"),
-    (["--compile-mode", "reduce-overhead"], "--compile-mode applies only with --compile"),
-    (["--compile", "--compile-mode", "fastest"], "--compile-mode: invalid choice"),
     (["--cuda-graphs", "--compile"], "--cuda-graphs and --compile exclude each other"),
-    (["--arch", "cnn", "--drop-path", "0.1"], "--drop-path applies only to --arch mamba2"),
+    (["--arch", "cnn", "--drop-path", "0.1"], "--drop-path belongs to --task/--arch image/mamba2, smnist/mamba2"),
+    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["--task", "smnist", "--arch", "vit"], "--task smnist takes only --arch mamba2"),
+    (["--task", "smnist", "--aug-rotate", "5"], "--aug-rotate applies only to --task image"),
+    (["--task", "smnist", "--permutation-seed", "1"], "--permutation-seed applies only to --task psmnist"),
 ])
 def test_bad_flags_are_one_line_usage_errors(argv, message, capsys):
     assert run_main(argv) == 2
@@ -355,19 +360,22 @@ def test_bad_flags_are_one_line_usage_errors(argv, message, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--headdim", "7"], "invalid model configuration: d_model*expand = 32 must be divisible by headdim = 7"),
-    (["--val-size", "300"], "--val-size 300 leaves no training images"),
-    (["--cuda-graphs"], "--cuda-graphs runs only on a CUDA GPU, not on cpu"),  # TINY says --device cpu
+    (["--patch-size", "5"], "invalid model configuration: img_size 28 must be divisible by patch_size 5"),
+    (["--cuda-graphs"], "--cuda-graphs runs on one CUDA GPU, in one process (here: cpu)"),  # TINY says --device cpu
+    (["--resume", REPO / "pretrained" / "vision_mamba2_mnist.pth"], "holds a trained model only"),
 ])
-def test_unusable_values_are_one_line_errors(argv, message, data_dir, tmp_path, capsys):
-    assert run_main([*TINY, "--data-dir", data_dir, "--out", tmp_path / "m.pth", "--log-dir", tmp_path, *argv]) == 2
+def test_unusable_values_are_one_line_errors_before_the_data_loads(argv, message, tmp_path, capsys):
+    """No data where --data-dir points: each of these must be refused before the dataset is looked for."""
+    assert run_main([*TINY, "--data-dir", tmp_path / "nowhere", "--out", tmp_path / "m.pth", "--log-dir", tmp_path,
+                     *argv]) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [err.strip()] and message in err
 
 
 def test_resume_keeps_hyperparameters(reference, data_dir, tmp_path, capsys):
     argv = [*TINY, "--data-dir", data_dir, "--out", tmp_path / "m.pth", "--resume", reference[0] / "m_last.pth"]
-    assert run_main([*argv, "--weight-decay", "0.5"]) == 2
-    assert "--weight-decay 0.5 contradicts the checkpoint's 0.05" in capsys.readouterr().err
+    assert run_main([*argv, "--lr", "0.5"]) == 2
+    assert "--lr 0.5 contradicts the checkpoint's 0.01" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("version", [None, checkpoint.CHECKPOINT_FORMAT + 1])

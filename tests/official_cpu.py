@@ -80,7 +80,7 @@ def _require_interpret_env():
         raise OfficialUnavailable(
             "Running the official mamba_ssm Triton kernels on CPU needs TRITON_INTERPRET=1 in "
             "os.environ before triton (and mamba_ssm) are first imported -- tests/conftest.py "
-            f"sets it at its top; got TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r} "
+            f"sets it where there is no GPU; got TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r} "
             f"({where}).")
 
 
@@ -162,7 +162,7 @@ def _interpreted_and_single_config():
         raise OfficialUnavailable(
             "mamba_ssm's Triton kernels were decorated as compiled JITFunctions, i.e. mamba_ssm was "
             "imported before TRITON_INTERPRET=1 was set; set it before anything imports triton "
-            f"(tests/conftest.py). Compiled kernels: {compiled[:3]}...")
+            f"(tests/conftest.py does where there is no GPU). Compiled kernels: {compiled[:3]}...")
     if n_kernels == 0:
         raise OfficialUnavailable("found no Triton kernels in mamba_ssm.ops.triton.*")
     return n_kernels

@@ -1,15 +1,11 @@
 """
-What only a CUDA GPU measures, in one command of at most TOTAL_S seconds: steps run one after another, each until a
-deadline (the sum of its and the earlier steps' budgets: time a step leaves goes to the later ones, a step past its
-deadline is cut with SIGINT and keeps what it wrote). OUT/summary.json is rewritten after every step.
-
-    bash .ci/gpu [--wheels DIR] [--data-dir DIR] [--cache-dir DIR] [--steps NAME,...] OUT     # the default recipe
-    bash .ci/gpu-sequential [--wheels DIR] [--data-dir DIR] [--epochs N] [--tasks smnist,psmnist] OUT
-    bash .ci/gpu --dry-run OUT; bash .ci/gpu-sequential --dry-run OUT     # the same steps on a CPU, tiny sizes
-
-Results come from the files each step writes (train.py's NAME.json beside --out, or its NAME_last.pth when cut;
-bench.py --json; pytest --junitxml; test_model.py's metrics.json), never from their logs. Steps, budgets, the
-offline command and why: docs/gpu.md.
+What only a CUDA GPU measures, in one command of at most TOTAL_S seconds (run through .ci/gpu and .ci/gpu-sequential;
+steps, budgets, the offline command and why: docs/gpu.md). The steps run one after another, each until a deadline,
+the sum of its and the earlier steps' budgets: time a step leaves goes to the later ones, and a step past its
+deadline is cut with SIGINT and keeps what it wrote. Results come from the files each step writes (train.py's
+NAME.json beside --out, or its NAME_last.pth when cut; bench.py --json; pytest --junitxml; test_model.py's
+metrics.json), never from logs. OUT/summary.json is rewritten after every step; the exit status is 1 when a step
+failed or a measurement is missing.
 """
 
 import argparse
@@ -44,9 +40,8 @@ SHORT = ["--epochs", "2", "--max-train-samples", "19968", "--val-size", "5120"]
 
 
 def write_json(path, obj):
-    tmp = f"{path}.tmp"
-    Path(tmp).write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)  # a reader never sees half a file
+    Path(f"{path}.tmp").write_text(json.dumps(obj, indent=2))
+    os.replace(f"{path}.tmp", path)  # a reader never sees half a file
 
 
 def read_json(path):
@@ -54,23 +49,21 @@ def read_json(path):
 
 
 class Steps:
-    """Runs the steps one by one, each under `timeout` until its deadline, and rewrites OUT/summary.json after each."""
+    """Runs the steps one by one, each under `timeout` until its deadline, and rewrites OUT/summary.json after each
+    (summarize() returns the summary and what it must hold: (name, value) pairs)."""
 
-    def __init__(self, args, budgets, env, summarize):
-        self.args, self.budgets, self.env, self.summarize = args, budgets, env, summarize
+    def __init__(self, args, budgets, summarize):
+        self.args, self.budgets, self.summarize, self.env = args, budgets, summarize, child_env(args)
         self.t0, self.planned, self.records = time.monotonic(), 0, {}
-
-    def elapsed(self):
-        return time.monotonic() - self.t0
 
     def run(self, name, cmd, *, expect=0, env=None, log=None, result=None):
         cmd, log = [str(c) for c in cmd], log or self.args.out / f"{name}.log"
         self.planned += self.budgets[name]
-        total = float("inf") if self.args.dry_run else TOTAL_S
-        timeout = DRY_BUDGET if self.args.dry_run else int(min(self.planned, total - KILL_AFTER) - self.elapsed())
+        timeout = DRY_BUDGET if self.args.dry_run else \
+            int(min(self.planned, TOTAL_S - KILL_AFTER) - (time.monotonic() - self.t0))
         record = dict(command=shlex.join(cmd), budget_s=self.budgets[name], log=os.path.relpath(log, self.args.out))
         if timeout < 5:
-            return self.finish(name, dict(record, status="no time", reason=f"no time left of the {TOTAL_S} s"))
+            return self.finish(name, dict(record, status="no time", why=f"no time left of the {TOTAL_S} s"))
         with open(log, "w") as f:
             f.write(f"$ {record['command']}\n")
             f.flush()
@@ -79,43 +72,43 @@ class Steps:
                                 env={**self.env, **(env or {})}, stdout=f, stderr=subprocess.STDOUT).returncode
         # timeout exits 124 after its SIGINT, 137 (or -9, itself killed) after its SIGKILL
         status = "ok" if rc == expect else "cut" if rc in (124, 137, -9) else "failed"
-        record.update(rc=rc, expected_rc=expect, seconds=round(time.monotonic() - start, 1), timeout_s=timeout,
-                      status=status, result=result() if result else None)
-        return self.finish(name, record)
+        return self.finish(name, dict(record, rc=rc, expected_rc=expect, seconds=round(time.monotonic() - start, 1),
+                                      status=status, why=f"rc {rc}, of {timeout} s", result=result and result()))
 
-    def skip(self, name, reason):
+    def skip(self, name, why):
         self.planned += self.budgets[name]  # its time goes to the next steps
-        return self.finish(name, dict(status="skipped", reason=reason))
+        return self.finish(name, dict(status="skipped", why=why))
 
     def finish(self, name, record):
         self.records[name] = record
-        said = record.get("reason") or f"rc {record['rc']}, {record['seconds']} s of {record['timeout_s']}"
-        print(f"[{self.elapsed():4.0f} s] {name}: {record['status']} ({said})", flush=True)
-        self.summarize()
-        return record
+        print(f"[{time.monotonic() - self.t0:4.0f} s] {name}: {record['status']} ({record.get('seconds', '-')} s; "
+              f"{record['why']})", flush=True)
+        return self.settle()
 
     def result(self, name):
         return self.records.get(name, {}).get("result")
 
-    def settle(self, summary, wanted):
-        """summary + the steps, what failed and what is missing, and whether all is well; written to OUT."""
-        bad = {n: r["status"] for n, r in self.records.items() if r["status"] in ("failed", "cut", "no time")}
+    def settle(self):
+        """The summary, with the steps, what is not ok and what is missing, and whether all is well."""
+        summary, wanted = self.summarize()
         done = all(name in self.records for name in self.budgets)
-        missing = [k for k in wanted if summary.get(k) in (None, {}, [])] if done else []
-        summary.update(wall_s=round(self.elapsed(), 1), not_ok_steps=bad, missing=missing,
-                       ok=done and not missing and not any(s == "failed" for s in bad.values()), steps=self.records)
+        summary.update(wall_s=round(time.monotonic() - self.t0, 1), steps=self.records,
+                       not_ok_steps={n: r["status"] for n, r in self.records.items()
+                                     if r["status"] in ("failed", "cut", "no time")},
+                       missing=[name for name, value in wanted if value in (None, {}, [])] if done else [])
+        summary["ok"] = done and not summary["missing"] and "failed" not in summary["not_ok_steps"].values()
         write_json(self.args.out / "summary.json", summary)
         return summary
 
 
 def parse(prog, argv, add):
-    p = argparse.ArgumentParser(prog=prog, description=f"{prog}: see the top of .ci/gpu.py and docs/gpu.md")
+    p = argparse.ArgumentParser(prog=prog, description=f"{prog}: see docs/gpu.md")
     p.add_argument("out", type=Path, help="folder for logs, JSON and outputs (created)")
     p.add_argument("--dry-run", action="store_true", help="the same steps on the CPU at tiny sizes")
     p.add_argument("--wheels", type=Path, help=f"folder of wheels to install mamba-ssm from, offline (else {WHEEL} "
                                                "from PyPI)")
-    p.add_argument("--data-dir", type=Path, help="torchvision root with MNIST/raw/ (default ./data; dry run: a "
-                                                 "synthetic one in OUT)")
+    p.add_argument("--data-dir", type=Path, help="torchvision root with MNIST/raw/ (default ./data; dry run: "
+                                                 "random digits in OUT)")
     p.add_argument("--cache-dir", type=Path, default=Path("/tmp/vision-mamba2-gpu"),
                    help="Triton's kernels and autotuning, torch.compile's cache and mamba-ssm, shared by every step")
     add(p)
@@ -128,14 +121,8 @@ def parse(prog, argv, add):
     return p, args
 
 
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def prepare_data(args):
-    """The MNIST root the steps read: --data-dir or ./data (checked), or for a dry run random digits in OUT (what a
-    dry run checks is the command lines and the files)."""
+    """The MNIST root the steps read: --data-dir or ./data (checked), or for a dry run random digits in OUT."""
     if args.dry_run and args.data_dir is None:
         import numpy as np
         raw, rng = args.out / "data" / "MNIST" / "raw", np.random.default_rng(0)
@@ -149,64 +136,53 @@ def prepare_data(args):
     raw = (args.data_dir or REPO / "data") / "MNIST" / "raw"
     missing = [f for f in MNIST if not (raw / f).exists() and not (raw / f"{f}.gz").exists()]
     if missing:
-        fail(f"MNIST is not in {raw}{os.sep} (no {', '.join(missing)}, .gz or not): pass --data-dir")
+        sys.exit(f"error: MNIST is not in {raw}{os.sep} (no {', '.join(missing)}, .gz or not): pass --data-dir")
     return raw.parents[1]
 
 
 def child_env(args):
-    """The steps' environment: Triton compiled (not interpreted), one cache for kernels, autotuning and
-    torch.compile, mamba-ssm's install on the path, unbuffered logs. A dry run: one thread, as the test suite, and
-    no download (an unreachable proxy)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not (args.dry_run and k.lower() == "no_proxy")}
+    """The steps' environment: Triton compiled (not interpreted), one cache for its kernels and autotuning and for
+    torch.compile, mamba-ssm's install on the path, unbuffered logs; a dry run as the test suite (one thread, and an
+    unreachable proxy: no download)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not (args.dry_run and
+                                                                                 k.lower() == "no_proxy")}
     if args.dry_run:
-        env.update(OMP_NUM_THREADS="1", **{k: "http://127.0.0.1:9" for k in ("http_proxy", "https_proxy",
-                                                                                "HTTP_PROXY", "HTTPS_PROXY")})
+        env.update(OMP_NUM_THREADS="1", **dict.fromkeys(["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"],
+                                                        "http://127.0.0.1:9"))
     return {**env, "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg", "TRITON_CACHE_AUTOTUNING": "1",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(args.cache_dir / "site"), env.get("PYTHONPATH")])),
-            "TRITON_CACHE_DIR": str(args.cache_dir / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(args.cache_dir / "inductor")}
+            "TRITON_CACHE_DIR": str(args.cache_dir / "triton"),
+            "TORCHINDUCTOR_CACHE_DIR": str(args.cache_dir / "inductor")}
 
 
 def prepare(steps, args):
     """mamba-ssm (from --wheels into <cache-dir>/site, else PyPI; skipped when it imports), then OUT/env.json."""
     check = [PY, "-c", "import sys, vision_mamba2; sys.exit(vision_mamba2.load_official_kernels() is None)"]
-
-    def imports():
-        return subprocess.run(check, cwd=REPO, env=steps.env, capture_output=True, timeout=120).returncode == 0
-
-    if imports():
+    if subprocess.run(check, cwd=REPO, env=steps.env, capture_output=True, timeout=120).returncode == 0:
         steps.skip("install", "mamba-ssm already imports")
     elif args.wheels:
         steps.run("install", [PY, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--upgrade", "--target",
-                              args.cache_dir / "site", *sorted(args.wheels.glob("*.whl"))],
-                  result=lambda: {"imports": imports()})
+                              args.cache_dir / "site", *sorted(args.wheels.glob("*.whl"))])
     else:  # no CUDA build (Mamba-2 is Triton), no download of a prebuilt wheel; torch is already here
         steps.run("install", [PY, "-m", "pip", "install", "--no-build-isolation", "--no-deps", WHEEL],
-                  env={"MAMBA_FORCE_BUILD": "TRUE", "MAMBA_SKIP_CUDA_BUILD": "TRUE"},
-                  result=lambda: {"imports": imports()})
+                  env={"MAMBA_FORCE_BUILD": "TRUE", "MAMBA_SKIP_CUDA_BUILD": "TRUE"})
     steps.run("env", [PY, __file__, "env", args.out / "env.json"])
     if not args.dry_run and not read_json(args.out / "env.json").get("gpu"):
-        fail(f"no CUDA GPU here (see {args.out / 'env.log'}): on a CPU, run with --dry-run")
+        sys.exit(f"error: no CUDA GPU here (see {args.out / 'env.log'}): on a CPU, run with --dry-run")
 
 
 def describe_environment(path):
     """OUT/env.json: the GPU, the versions, and which Mamba-2 backend `auto` picks and why (subcommand `env`)."""
-    import importlib.metadata
+    import importlib.metadata as metadata
     import platform
 
     import torch
     from vision_mamba2 import describe_backend
 
-    def version(package):
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
     cuda = torch.cuda.is_available()
-    info = dict(gpu=torch.cuda.get_device_name(0) if cuda else None,
-                gpu_capability=".".join(map(str, torch.cuda.get_device_capability(0))) if cuda else None,
-                torch=torch.__version__, torch_cuda=torch.version.cuda, python=platform.python_version(),
-                cpus=os.cpu_count(), **{p: version(p) for p in ("triton", "mamba_ssm", "causal_conv1d", "torchvision")},
+    info = dict(gpu=torch.cuda.get_device_name(0) if cuda else None, torch=torch.__version__,
+                torch_cuda=torch.version.cuda, python=platform.python_version(), cpus=os.cpu_count(),
+                **{p: next((d.version for d in metadata.distributions(name=p)), None) for p in ("triton", "mamba_ssm")},
                 backend_auto=describe_backend("auto", "cuda" if cuda else "cpu"),
                 **{k: os.environ.get(k) for k in ("TRITON_CACHE_DIR", "TRITON_CACHE_AUTOTUNING", "PYTHONPATH")})
     write_json(path, info)
@@ -215,15 +191,14 @@ def describe_environment(path):
 
 def train_result(out):
     """What train.py --out `out` left: NAME.json once it finished, else (cut) its last checkpoint's history."""
-    done = read_json(out.with_suffix(".json"))
-    if not done:
+    done, last = read_json(out.with_suffix(".json")), out.with_name(f"{out.stem}_last.pth")
+    if not done and last.exists():
         import torch
-        last_path = out.with_name(f"{out.stem}_last.pth")
-        if not last_path.exists():
-            return None
-        last = torch.load(last_path, map_location="cpu", weights_only=True)
-        done = dict(epochs_done=last["epoch"], best_epoch=last["best_epoch"], best_val_acc=last["best_val_acc"],
-                    images_per_sec=last["history"]["images_per_sec"], args=last["args"], cut=True)
+        ckpt = torch.load(last, map_location="cpu", weights_only=True)
+        done = dict(epochs_done=ckpt["epoch"], best_epoch=ckpt["best_epoch"], best_val_acc=ckpt["best_val_acc"],
+                    images_per_sec=ckpt["history"]["images_per_sec"], args=ckpt["args"], cut=True)
+    if not done:
+        return None
     speeds = done["images_per_sec"]
     keep = ("test_acc", "best_val_acc", "best_epoch", "epochs_done", "train_wall_s", "backend", "amp", "cut")
     return dict({k: done[k] for k in keep if k in done}, batch_size=done["args"]["batch_size"],
@@ -240,23 +215,13 @@ def bench_result(path):
 
 
 def pytest_result(path):
-    """Each test's outcome from pytest's --junitxml file: passed and failed names, skipped ones with the reason."""
+    """From pytest's --junitxml file: the tests that passed, those that failed, and those skipped with why."""
     if not path.exists():
         return None
-    result = dict(passed=[], failed=[], skipped={})
-    for case in ET.parse(path).getroot().iter("testcase"):
-        skipped = case.find("skipped")
-        if case.find("failure") is not None or case.find("error") is not None:
-            result["failed"].append(case.get("name"))
-        elif skipped is not None:
-            result["skipped"][case.get("name")] = skipped.get("message")
-        else:
-            result["passed"].append(case.get("name"))
-    return result
-
-
-def goal(value, target, met):
-    return dict(value=value, goal=target, met=None if value is None else met(value))
+    cases = {case.get("name"): case for case in ET.parse(path).getroot().iter("testcase")}
+    failed = [n for n, case in cases.items() if case.find("failure") is not None or case.find("error") is not None]
+    skipped = {n: case.find("skipped").get("message") for n, case in cases.items() if case.find("skipped") is not None}
+    return dict(passed=[n for n in cases if n not in failed and n not in skipped], failed=failed, skipped=skipped)
 
 
 def checks_summary(steps, args):
@@ -269,9 +234,10 @@ def checks_summary(steps, args):
     ratios = {f"batch {batch}, {mode}": round(by[b, mode, batch] / by["portable", mode, batch], 2)
               for b, mode, batch in by if b == "official" and ("portable", mode, batch) in by}
     best = max(speeds, default=(None, None, None))
-    wall = (steps.records.get("train-default") or {}).get("seconds") if default.get("test_acc") is not None else None
-    summary = dict(gpu=read_json(args.out / "env.json").get("gpu"), dry_run=args.dry_run,
-                   backend_auto=read_json(args.out / "env.json").get("backend_auto"),
+    # end to end: the process's wall time, from its start to the test accuracy
+    wall = steps.records.get("train-default", {}).get("seconds") if "test_acc" in default else None
+    env = read_json(args.out / "env.json")
+    summary = dict(gpu=env.get("gpu"), backend_auto=env.get("backend_auto"), dry_run=args.dry_run,
                    train_wall_s=wall, test_acc=default.get("test_acc"), default_run=default,
                    train_img_per_s=best[0], train_img_per_s_batch_size=best[1], train_img_per_s_source=best[2],
                    official_over_portable=ratios, tests=steps.result("test-cuda"), triton_cache_was_empty=args.cold)
@@ -280,21 +246,25 @@ def checks_summary(steps, args):
                         "official / portable training img/s, batch 128, eager": goal(
                             ratios.get("batch 128, eager"), ">= 2", lambda v: v >= 2),
                         "training img/s, best setting": goal(best[0], ">= 50000", lambda v: v >= 50000)}
-    wanted = ["backend_auto", "train_wall_s", "test_acc", "train_img_per_s", "tests",
+    wanted = ["backend_auto", "train_wall_s", "test_acc", "train_img_per_s",
+              *(["tests"] if "test-cuda" in steps.budgets else []),
               *([] if args.dry_run else ["gpu", "official_over_portable"])]
-    return steps.settle(summary, [k for k in wanted if k != "tests" or "test-cuda" in steps.budgets])
+    return summary, [(k, summary[k]) for k in wanted]
+
+
+def goal(value, target, met):
+    return dict(value=value, goal=target, met=None if value is None else met(value))
 
 
 def checks(argv):
     p, args = parse(".ci/gpu", argv, lambda p: p.add_argument(
         "--steps", default=",".join(CHECKS), help=f"comma-separated, run in this order: {','.join(CHECKS)}"))
-    asked = args.steps.split(",")
+    asked, dry = args.steps.split(","), args.dry_run
     if set(asked) - set(CHECKS):
         p.error(f"unknown step {sorted(set(asked) - set(CHECKS))[0]!r}: choose from {', '.join(CHECKS)}")
     args.cold = not any((args.cache_dir / "triton").glob("*"))
-    steps = Steps(args, {n: b for n, b in CHECKS.items() if n in asked or n in ("install", "env")}, child_env(args),
-                  lambda: checks_summary(steps, args))
-    dry = args.dry_run
+    budgets = {n: b for n, b in CHECKS.items() if n in asked or n in ("install", "env")}
+    steps = Steps(args, budgets, lambda: checks_summary(steps, args))
 
     def train(name, flags, **kw):
         out = args.out / name / "vision_mamba2_mnist.pth"
@@ -303,44 +273,39 @@ def checks(argv):
                          args.out / name / "runs"], result=lambda: train_result(out), **kw)
 
     prepare(steps, args)
-    for name in steps.budgets:
+    for name in budgets:
         if name == "train-default":
             train(name, TINY + ["--epochs", "2"] if dry else [])
         elif name == "test-cuda":
             xml = args.out / "test-cuda.xml"
             steps.run(name, [PY, "-m", "pytest", "tests/test_cuda.py", "-q", "-rs", f"--junitxml={xml}"],
                       result=lambda: pytest_result(xml))
-        elif name.startswith("bench-"):
+        elif name.startswith("bench-"):  # a dry run: no CUDA graphs
             path, batch = args.out / f"{name}.json", int(name.removeprefix("bench-b"))
             size = ["--device", "cpu", "--batch-size", batch // 64, "--repeats", 1, "--naive-images", 1] if dry else \
-                ["--batch-size", batch, "--cuda-graphs", "--naive-images", 64]  # a dry run: no CUDA graphs
+                ["--batch-size", batch, "--cuda-graphs", "--naive-images", 64]
             steps.run(name, [PY, "bench.py", "models", *size, "--data-dir", args.data, "--json", path],
                       result=lambda: bench_result(path))
         elif name == "train-cuda-graphs":  # a dry run: train.py must refuse it on a CPU (exit status 2)
             train(name, ["--cuda-graphs", *(TINY if dry else SHORT)], expect=2 if dry else 0)
+        elif name == "train-portable-compile" and dry:
+            steps.skip(name, "dry run: torch.compile takes minutes on a CPU")
         elif name == "train-portable-compile":
-            if dry:
-                steps.skip(name, "dry run: torch.compile takes minutes on a CPU")
-            else:
-                train(name, ["--backend", "portable", "--compile", *SHORT])
-    return report(checks_summary(steps, args))
+            train(name, ["--backend", "portable", "--compile", *SHORT])
+    return report(steps.settle())
 
 
 def sequential_summary(steps, args):
-    summary = dict(gpu=read_json(args.out / "env.json").get("gpu"), dry_run=args.dry_run, epochs=args.epochs,
-                   backend_auto=read_json(args.out / "env.json").get("backend_auto"), recipe=shlex.join(args.recipe))
+    env = read_json(args.out / "env.json")
+    summary = dict(gpu=env.get("gpu"), backend_auto=env.get("backend_auto"), dry_run=args.dry_run,
+                   epochs=args.epochs, recipe=shlex.join(args.recipe))
     for task in args.tasks:
-        trained = steps.result(f"train-{task}") or {}
         evaluated = read_json(args.out / task / "metrics.json") if f"eval-{task}" in steps.records else {}
-        summary[task] = dict(trained, resumed=args.resumed[task], test_model_acc=evaluated.get("accuracy"),
-                             reading=evaluated.get("reading"))
-    wanted = ["backend_auto", *([] if args.dry_run else ["gpu"])]
-    summary = steps.settle(summary, wanted)
-    summary["missing"] += [f"{t}: {k}" for t in args.tasks for k in ("test_acc", "test_model_acc")
-                           if summary[t].get(k) is None]
-    summary["ok"] = summary["ok"] and not summary["missing"]
-    write_json(args.out / "summary.json", summary)
-    return summary
+        summary[task] = dict(steps.result(f"train-{task}") or {}, resumed=args.resumed[task],
+                             test_model_acc=evaluated.get("accuracy"), reading=evaluated.get("reading"))
+    wanted = [(k, summary[k]) for k in ["backend_auto", *([] if args.dry_run else ["gpu"])]]
+    return summary, wanted + [(f"{t}: {k}", summary[t].get(k)) for t in args.tasks for k in ("test_acc",
+                                                                                           "test_model_acc")]
 
 
 def sequential(argv):
@@ -357,11 +322,11 @@ def sequential(argv):
     args.recipe = ["--backend", "portable", *(TINY + ["--d-state", "16", "--headdim", "8"] if args.dry_run
                                               else ["--compile"])]
     again = ["--device", "cpu"] if args.dry_run else ["--compile"]  # runtime flags a resumed run needs again
-    budgets = {n: b for n, b in SEQUENTIAL.items() if n in ("install", "env") or n.split("-")[1] in args.tasks}
     outs = {task: args.out / task / f"vision_mamba2_{task}.pth" for task in args.tasks}
     lasts = {task: out.with_name(f"{out.stem}_last.pth") for task, out in outs.items()}
     args.resumed = {task: last.exists() for task, last in lasts.items()}  # cut in an earlier call: goes on from there
-    steps = Steps(args, budgets, child_env(args), lambda: sequential_summary(steps, args))
+    budgets = {n: b for n, b in SEQUENTIAL.items() if n in ("install", "env") or n.split("-")[1] in args.tasks}
+    steps = Steps(args, budgets, lambda: sequential_summary(steps, args))
     prepare(steps, args)
     for task in args.tasks:
         folder, out, last = args.out / task, outs[task], lasts[task]
@@ -374,12 +339,12 @@ def sequential(argv):
         if not out.exists():
             steps.skip(f"eval-{task}", "training wrote no checkpoint to evaluate")
             continue
-        # on the GPU the whole test set in one batch of the recurrent reading pass (16 x --batch-size): 784 steps
-        # cost their kernel launches, not their images
+        # on the GPU the whole test set in one batch of the recurrent reading pass (16 x --batch-size): its 784
+        # steps cost their kernel launches, not their images
         size = ["--device", "cpu"] if args.dry_run else ["--batch-size", "640"]
         steps.run(f"eval-{task}", [PY, "test_model.py", "--checkpoint", out, "--data-dir", args.data, "--out-dir",
                                    folder, *size], log=folder / "eval.log")
-    return report(sequential_summary(steps, args))
+    return report(steps.settle())
 
 
 def report(summary):

@@ -287,9 +287,8 @@ class Mamba2Mixer(Mamba2):
         # u : (B, L, D)
         kernels = self.cuda_kernels if u.is_cuda else None
         if kernels is None:
-            if self.backend == "official":
-                raise RuntimeError(f"backend 'official' runs only on a CUDA GPU with mamba-ssm's kernels, got an "
-                                   f"input on {u.device}: use backend 'auto' or 'portable'")
+            if self.backend == "official":  # never the portable twin in its place: say why not (no GPU, no kernels)
+                resolve_backend("official", u.device)
             return super().forward(u)
         if kernels.fused is None:
             return self.mix(u, scan=kernels.scan, gated_norm=kernels.gated_norm)

@@ -128,9 +128,12 @@ def test_graphed_training_matches_eager(arch, amp, dropout):
     graphed, graphed_average, step_model = train_steps(twin, batches, graphed=True, amp=amp)
     assert (step_model.replayed, step_model.eager_steps) == (5, 1)
     assert graphed == pytest.approx(eager, rel=1e-3)
+    # the official backward kernels sum with atomic adds, in no fixed order: where a gradient is about 0 that noise can
+    # turn an AdamW update (about lr in size whatever the gradient) around, so their weights get a looser bound
+    bound = 1e-2 if arch == "official" else 1e-3
     for ours, theirs in [(twin, model), (graphed_average, eager_average)]:
         for (name, a), b in zip(theirs.state_dict().items(), ours.state_dict().values()):
-            assert relative_error(b, a) < 1e-3 if a.is_floating_point() else torch.equal(a, b), name
+            assert relative_error(b, a) < bound if a.is_floating_point() else torch.equal(a, b), name
 
 
 def test_train_py_with_cuda_graphs(data_dir, tmp_path):

@@ -1,13 +1,17 @@
 """How a Mamba-2 mixer picks its kernels, checked on a CPU: the choice is made when the backend is set, never inside
 the forward (which torch.compile traces), and official kernels that import but fail at their first call leave `auto`
-on the portable twin with one line saying why."""
+on the portable twin with one line saying why. And the suite leaves Triton compiled on a machine with a GPU."""
 
+import subprocess
+import sys
 import types
 
 import pytest
 import torch
 
 import vision_mamba2
+from helpers import PROC_ENV, REPO
+from official_cpu import mamba_ssm_installed
 from vision_mamba2 import create_vision_mamba2_model
 
 TINY = dict(d_model=16, num_blocks=1, d_state=8, headdim=8, dropout=0.0)
@@ -91,3 +95,16 @@ def test_first_call_failure_runs_the_official_kernel():
         raise RuntimeError("CUDA error: no kernel image is available for execution on the device\n(details)")
 
     assert vision_mamba2.first_call_failure(types.SimpleNamespace(gated_norm=no_image), cpu) == f"{NO_IMAGE} (details)"
+
+
+def test_the_suite_runs_triton_compiled_on_a_gpu_machine():
+    """tests/conftest.py turns the interpreter on only without CUDA: on a pretend GPU machine the tests that need it
+    skip, saying how to run them, instead of the whole run (the CUDA tests too) running interpreted kernels."""
+    if not mamba_ssm_installed():
+        pytest.skip("mamba_ssm is not installed: no test needs the interpreter")
+    env = {k: v for k, v in PROC_ENV.items() if k != "TRITON_INTERPRET"}
+    code = ("import sys, pytest, torch; torch.cuda.is_available = lambda: True; "
+            "sys.exit(pytest.main(['tests/test_official_equivalence.py', '-q', '-rs', '-p', 'no:cacheprovider']))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and " passed" not in proc.stdout, proc.stdout[-2000:]
+    assert "skipped" in proc.stdout and "TRITON_INTERPRET=1 python -m pytest" in proc.stdout, proc.stdout[-2000:]

@@ -80,6 +80,7 @@ class GraphedTraining(nn.Module):
         super().__init__()
         # sample : (B, C, H, W), the training batch shape the graphs are captured for
         self.model, self.eager, self.shape = model, model.forward, sample.shape
+        self.replayed = self.eager_steps = 0  # training steps each way: a fallback is counted, never silent
         # the three warm-up passes before the capture move BatchNorm's running statistics and draw dropout masks:
         # undone, so that the run (and a resumed one) goes on as if they had not happened
         buffers = [b.clone() for b in model.buffers()]
@@ -93,7 +94,16 @@ class GraphedTraining(nn.Module):
                 b.copy_(saved)
 
     def forward(self, x):
-        return self.model(x) if x.shape == self.shape else self.eager(x)
+        # the graphs hold the training pass of one batch shape (in eval mode the model's forward is the eager one)
+        if x.shape == self.shape and self.model.training:
+            self.replayed += 1
+            return self.model(x)
+        self.eager_steps += self.model.training
+        return self.eager(x)
+
+    def counts(self):
+        return (f"CUDA graphs: {self.replayed} training steps replayed, {self.eager_steps} run eagerly (batches of "
+                f"another size than {self.shape[0]})")
 
 
 def keep_freed_memory_in_process():

@@ -697,6 +697,8 @@ def train(argv):
                            purge_step=run.start_epoch + 1 if resume else None) if env.master else None
     with writer or contextlib.nullcontext():
         status = fit(run, writer)
+        if args.cuda_graphs:
+            print0(run.train_model.counts())
         if status == 0:
             final_test(run, writer)
     return status

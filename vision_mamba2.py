@@ -191,16 +191,44 @@ def import_official_kernels():
             f"mamba-ssm {importlib.metadata.version('mamba-ssm')} Triton kernels, {conv}{how}")
 
 
+@functools.cache
+def official_kernels():
+    """(the official kernels or None, a few words why): import_official_kernels(), and on a machine with a GPU their
+    first call, made here once: a Triton that cannot build kernels for this GPU fails there, and `auto` then runs the
+    portable twin, saying so in one line on stderr, instead of the run crashing at its first step. One small kernel
+    (the gated RMSNorm, in fp32: compiled in seconds, with no autotuning whose choice a tiny input would skew)."""
+    kernels, note = import_official_kernels()
+    if kernels is None or not torch.cuda.is_available():
+        return kernels, note
+    failure = first_call_failure(kernels, torch.device("cuda"))
+    if failure is None:
+        return kernels, note
+    note = f"{note.split(',')[0]} import but fail at their first call on this GPU ({failure})"
+    print(f"warning: {note}: backend 'auto' runs the portable twin", file=sys.stderr)
+    return None, note
+
+
+def first_call_failure(kernels, device):
+    """Why the official gated RMSNorm fails on `device` (a few words), or None when it runs."""
+    try:
+        x = torch.ones(2, 16, device=device)
+        kernels.gated_norm(x, torch.ones(16, device=device), None, z=x, group_size=16, norm_before_gate=False)
+        return None
+    except Exception as e:  # whatever Triton or the driver raise: the run goes on without them
+        return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+
+
 def load_official_kernels():
-    """mamba_ssm's Mamba-2 kernels as a namespace, or None when mamba-ssm is not installed or won't import."""
-    return import_official_kernels()[0]
+    """mamba_ssm's Mamba-2 kernels as a namespace, or None when mamba-ssm is not installed, won't import or (on a
+    machine with a GPU) fails at its first call."""
+    return official_kernels()[0]
 
 
 def describe_backend(backend, device):
     """One line: which Mamba-2 implementation runs on `device` for `backend`, and why."""
     device = torch.device(device)
     chosen = resolve_backend(backend, device)
-    kernels, note = import_official_kernels() if device.type == "cuda" else (None, "")
+    kernels, note = official_kernels() if device.type == "cuda" else (None, "")
     if chosen == "official":
         return f"official ({note})"
     if backend == "portable":
@@ -220,8 +248,8 @@ def resolve_backend(backend, device):
                                f"{'' if torch.cuda.is_available() else ' and no GPU is available'}: "
                                "use backend 'auto' or 'portable'")
         if load_official_kernels() is None:
-            raise RuntimeError("backend 'official' needs mamba-ssm installed and importable: see the README's "
-                               "GPU install commands")
+            raise RuntimeError(f"backend 'official' cannot run: {official_kernels()[1]} (the README's GPU section "
+                               f"says how to install mamba-ssm)")
         return "official"
     if backend == "auto":
         return "official" if device.type == "cuda" and load_official_kernels() is not None else "portable"
@@ -237,17 +265,32 @@ def buildable(config):
 
 
 class Mamba2Mixer(Mamba2):
-    """The Mamba-2 twin, handing its work to the official kernels when the backend says so."""
+    """The Mamba-2 twin, handing its work to the official kernels when the backend says so. Which kernels run is
+    settled when the backend is set, outside the forward: a compiled forward (torch.compile) then traces no import,
+    cache or device lookup, and has no graph break of its own. The kernels are chosen by the input's device, so a
+    model moves freely between CPU and GPU."""
 
     def __init__(self, *, backend, **mamba_kwargs):
         super().__init__(**mamba_kwargs)
         self.backend = backend
 
+    @property
+    def backend(self):
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend):
+        # the official kernels for CUDA inputs, None for the portable twin (or for an error at the first CUDA input)
+        self.cuda_kernels = load_official_kernels() if backend != "portable" and torch.cuda.is_available() else None
+        self._backend = backend
+
     def forward(self, u):
         # u : (B, L, D)
-        if resolve_backend(self.backend, u.device) == "portable":
+        kernels = self.cuda_kernels if u.is_cuda else None
+        if kernels is None:
+            if self.backend == "official":  # never the portable twin in its place: say why not (no GPU, no kernels)
+                resolve_backend("official", u.device)
             return super().forward(u)
-        kernels = load_official_kernels()
         if kernels.fused is None:
             return self.mix(u, scan=kernels.scan, gated_norm=kernels.gated_norm)
         D = rearrange(self.D, "(h p) -> h p", p=self.headdim) if self.D_has_hdim else self.D

@@ -15,11 +15,12 @@ otherwise raise on a GPU-less machine):
    so `import mamba_ssm` fails in a pure-Python install. -> an empty stub module of that name
    is put in `sys.modules` (only if no real extension is importable).
 2. Whether a kernel runs in the interpreter is decided when `@triton.jit` decorates it (i.e.
-   when mamba_ssm's ops modules are imported): it then builds an `InterpretedFunction`
-   instead of a `JITFunction`. So `TRITON_INTERPRET=1` must be in os.environ before triton /
-   mamba_ssm are imported (tests/conftest.py does this). We check both the variable and the
-   type of the kernel objects, and raise a clear error otherwise; we never set it ourselves,
-   because by then it may already be too late.
+   when mamba_ssm's ops modules, and triton's own library, are imported): it then builds an
+   `InterpretedFunction` instead of a `JITFunction`. So `TRITON_INTERPRET=1` must be in
+   os.environ before triton is imported, for the whole process (tests/conftest.py sets it on a
+   machine without CUDA; with a GPU the tests using this shim skip unless it is given). We check
+   both the variable and the type of the kernel objects; we never set it ourselves, because by
+   then it may already be too late.
 3. The Python wrappers do `with torch.cuda.device(x.device.index):`; for a CPU tensor the index
    is None, and `torch.cuda.device(None)` raises "invalid argument to exchangeDevice" without
    a CUDA driver. -> `torch.cuda.device` is replaced by a subclass that maps None to -1 (a
@@ -65,13 +66,21 @@ def mamba_ssm_installed() -> bool:
 
 
 def _require_interpret_env():
+    import torch
+
+    if os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available():
+        import pytest
+
+        pytest.skip("this machine has a GPU, so the suite runs Triton compiled (tests/conftest.py): run the official "
+                    "kernels on CPU in a process of their own, TRITON_INTERPRET=1 python -m pytest "
+                    "tests/test_official_equivalence.py tests/test_recurrent.py")
     if os.environ.get("TRITON_INTERPRET") != "1":
         where = ("triton is ALREADY imported, so setting it now is too late"
                  if "triton" in sys.modules else "triton is not imported yet")
         raise OfficialUnavailable(
             "Running the official mamba_ssm Triton kernels on CPU needs TRITON_INTERPRET=1 in "
             "os.environ before triton (and mamba_ssm) are first imported -- tests/conftest.py "
-            f"sets it at its top; got TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r} "
+            f"sets it where there is no GPU; got TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r} "
             f"({where}).")
 
 
@@ -153,7 +162,7 @@ def _interpreted_and_single_config():
         raise OfficialUnavailable(
             "mamba_ssm's Triton kernels were decorated as compiled JITFunctions, i.e. mamba_ssm was "
             "imported before TRITON_INTERPRET=1 was set; set it before anything imports triton "
-            f"(tests/conftest.py). Compiled kernels: {compiled[:3]}...")
+            f"(tests/conftest.py does where there is no GPU). Compiled kernels: {compiled[:3]}...")
     if n_kernels == 0:
         raise OfficialUnavailable("found no Triton kernels in mamba_ssm.ops.triton.*")
     return n_kernels
@@ -163,7 +172,7 @@ def load_official_on_cpu():
     """Apply the test-only patches (idempotent) and return the official objects.
 
     Returns a SimpleNamespace with: Mamba2, mamba_chunk_scan_combined, ssd_minimal_discrete,
-    ssd_chunk_scan_combined_ref, and the modules mamba2 / ssd_combined.
+    ssd_chunk_scan_combined_ref, rmsnorm_fn, and the modules mamba2 / ssd_combined.
     Raises ImportError if mamba_ssm isn't installed, OfficialUnavailable if TRITON_INTERPRET=1
     wasn't set early enough.
     """
@@ -174,10 +183,15 @@ def load_official_on_cpu():
         raise ImportError("mamba_ssm is not installed")
     _require_interpret_env()
     _stub_selective_scan_cuda()
+    # the Mamba-2 modules need neither transformers nor the Mamba-3 packages the package's __init__ imports: the
+    # product's import makes a bare package when that __init__ fails, as it does on an install with --no-deps
+    import vision_mamba2
 
+    vision_mamba2.import_official_kernels()
     import mamba_ssm.modules.mamba2 as mamba2_mod
     import mamba_ssm.ops.triton.ssd_combined as ssd_combined
     from mamba_ssm.modules.ssd_minimal import ssd_minimal_discrete
+    from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
 
     _interpreted_and_single_config()
     _patch_cuda_device()
@@ -190,6 +204,7 @@ def load_official_on_cpu():
         mamba_chunk_scan_combined=ssd_combined.mamba_chunk_scan_combined,
         ssd_minimal_discrete=ssd_minimal_discrete,
         ssd_chunk_scan_combined_ref=ssd_combined.ssd_chunk_scan_combined_ref,
+        rmsnorm_fn=rmsnorm_fn,
         mamba2=mamba2_mod,
         ssd_combined=ssd_combined,
     )

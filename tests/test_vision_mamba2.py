@@ -16,8 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(d_model=16, num_blocks=2, d_state=8, headdim=8, dropout=0.0)
 
 
-@pytest.mark.parametrize("scan", ["uni", "bi", "cross"])
-
 def tiny_block(*, grid=4, drop_path=0.0, local_conv=False, **config):
     """A VisionMambaBlock of width 16 on a grid x grid token grid (patch size 1), without the local conv unless asked."""
     c = VisionMamba2Config(d_model=16, img_size=grid, patch_size=1, d_state=8, headdim=8, local_conv=local_conv,
@@ -25,6 +23,7 @@ def tiny_block(*, grid=4, drop_path=0.0, local_conv=False, **config):
     return VisionMambaBlock(c, drop_path=drop_path)
 
 
+@pytest.mark.parametrize("scan", ["uni", "bi", "cross"])
 def test_forward_backward_shapes(scan):
     torch.manual_seed(0)
     model = create_vision_mamba2_model(**TINY, scan=scan)

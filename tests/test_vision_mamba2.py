@@ -139,7 +139,15 @@ def test_drop_path_rises_linearly_over_the_blocks():
 
 
 def test_multiple_of_8_applies_only_to_the_official_kernels():
-    create_vision_mamba2_model(**{**TINY, "d_state": 7, "backend": "portable"})
+    """conv_dim = 16*2 + 2*7 = 46: refused where the official kernels may run (auto, official), built and run by the
+    portable backend."""
+    odd = {**TINY, "d_state": 7}
+    for backend in ("auto", "official"):
+        with pytest.raises(ValueError, match="= 46 to be a multiple of 8"):
+            create_vision_mamba2_model(**odd, backend=backend)
+    model = create_vision_mamba2_model(**odd, backend="portable")
+    assert model.blocks[0].mixer.conv_dim == 46
+    assert torch.isfinite(model(torch.randn(2, 1, 28, 28))).all()
 
 
 def test_config_from_dict_takes_exactly_the_fields():

@@ -505,22 +505,34 @@ def compare_backends(model, batch_size):
     print(f"  official vs portable logits (fp32; the kernels may use TF32): relative error {err:.2e}")
 
 
+def positive_int(s):
+    try:
+        value = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+    if value < 1:  # an empty batch would "pass" the check with nothing checked
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main():
     parser = argparse.ArgumentParser(description="Check the Vision Mamba 2 architecture: shapes, parameters, "
                                                  "backend, a forward and backward pass on CPU (and CUDA).")
+    # usage errors as train.py's: one line and exit status 2 (argparse would print its whole usage block first)
+    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message} (see --help)\n")
     for f in dataclasses.fields(VisionMamba2Config):
         flag, kind, text = "--" + f.name.replace("_", "-"), type(f.default), f"(default: {f.default})"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:
             parser.add_argument(flag, type=kind, default=f.default, help=text)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="(default: 4)")
     args = vars(parser.parse_args())
     batch_size = args.pop("batch_size")
     try:
         model = create_vision_mamba2_model(**args)
     except (ValueError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+        parser.error(f"invalid model configuration: {e}")
 
     print("Vision Mamba 2 configuration:")
     for key, value in dataclasses.asdict(model.config).items():

@@ -182,10 +182,15 @@ def test_architecture_check_cli():
     assert "(4, 32, 7, 7)" in r.stdout and "forward + backward OK" in r.stdout
 
 
-@pytest.mark.parametrize("args,message", [(("--headdim", "24"), "divisible by headdim"),
-                                          (("--scan", "zigzag"), "scan must be one of")])
+@pytest.mark.parametrize("args,message", [
+    (("--headdim", "24"), "invalid model configuration: d_model*expand = 256 must be divisible by headdim = 24"),
+    (("--scan", "zigzag"), "scan must be one of"),
+    (("--batch-size", "0"), "argument --batch-size: must be >= 1, got 0"),  # it used to check an empty batch: "OK"
+    (("--batch-size", "two"), "argument --batch-size: expected an integer, got 'two'"),
+])
 def test_architecture_check_cli_bad_config(args, message):
+    """Usage errors as train.py's: one line on stderr, exit status 2, nothing checked."""
     r = run_cli(*args)
-    assert r.returncode != 0
-    assert message in r.stderr and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert r.stderr.startswith("vision_mamba2.py: error: ") and message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stdout == "", r.stderr

@@ -260,7 +260,7 @@ def test_the_pretrained_model_reads_real_mnist():
     """The shipped model on the first 1,000 real MNIST test digits: at least 99% right (it tests at 99.65% on all
     10,000; the whole set takes minutes on a CPU)."""
     ckpt = load(REPO / "pretrained" / "vision_mamba2_mnist.pth")
-    model = test_model.build_model(ckpt, "pretrained", torch.device("cpu"))
+    model = rebuild_model(ckpt, "pretrained", torch.device("cpu"))
     test = MNIST(real_mnist_dir(), train=False)
     norm = ckpt["normalization"]
     x, y = (test.data[:1000, None].float() / 255 - norm["mean"]) / norm["std"], test.targets[:1000]

@@ -242,7 +242,7 @@ def test_a_fresh_clone_evaluates_the_pretrained_model(data_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     answers = proc.stdout.splitlines()[1:-1]  # between "using the pretrained model ..." and "wrote ..."
     for digit, picture, answer in zip(DRAWN, pictures, answers, strict=True):
-        match = re.match(rf"{picture}: (\d) \((\d+\.\d)%\)", answer)
+        match = re.match(rf"{re.escape(str(picture))}: (\d) \((\d+\.\d)%\)", answer)
         assert match and match[1] == digit and float(match[2]) >= 80, answer
 
 

@@ -48,7 +48,7 @@ def load(path):
 
 
 @torch.no_grad()
-def test_set_metrics(model, ckpt, data_dir):
+def metrics_on_the_test_set(model, ckpt, data_dir):
     """(loss, accuracy) of `model` on the MNIST test set in data_dir, computed here, apart from train.py: the images
     normalized as the checkpoint says, the loss with the run's label smoothing (as train.py reports it)."""
     test = MNIST(data_dir, train=False)

@@ -19,7 +19,7 @@ import checkpoint
 import steps
 import test_model
 import train
-from helpers import PROC_ENV, REPO, load, test_set_metrics
+from helpers import PROC_ENV, REPO, load, metrics_on_the_test_set
 from vision_mamba2 import create_vision_mamba2_model
 
 TINY = ["--d-model", "16", "--num-blocks", "1", "--d-state", "16", "--headdim", "8", "--batch-size", "32",
@@ -78,7 +78,7 @@ def test_end_to_end_outputs(reference, data_dir):
     # saved are those of these weights, measured here apart from train.py; and above chance (10%): it learned
     model = create_vision_mamba2_model(**best["config"])
     model.load_state_dict(best["model"])
-    loss, acc = test_set_metrics(model, best, data_dir)
+    loss, acc = metrics_on_the_test_set(model, best, data_dir)
     assert best["metrics"]["test_acc"] == acc, (best["metrics"], acc)
     assert best["metrics"]["test_loss"] == pytest.approx(loss, rel=1e-5), (best["metrics"], loss)
     assert f"test: loss {loss:.4f} acc {acc:.2%}" in proc.stdout
@@ -212,7 +212,7 @@ def test_model_options_reach_the_checkpoint_and_test_model(data_dir, tmp_path):
     assert ckpt["config"]["patch_size"] == 2 and ckpt["model"]["pos_embed"].shape[-2:] == (14, 14)
     model = checkpoint.rebuild_model(ckpt, str(tmp_path / "m.pth"), torch.device("cpu"))
     assert [block.drop_path.p for block in model.blocks] == [0.0, 0.2]
-    loss, acc = test_set_metrics(model, ckpt, data_dir)
+    loss, acc = metrics_on_the_test_set(model, ckpt, data_dir)
     assert ckpt["metrics"]["test_loss"] == pytest.approx(loss, rel=1e-5) and ckpt["metrics"]["test_acc"] == acc
 
 

@@ -34,6 +34,7 @@ import torch.nn as nn
 from einops import rearrange
 from torchvision.ops import StochasticDepth
 
+from cli import Parser, int_at_least
 from mamba2_torch import Mamba2
 
 SCANS = {"uni": 1, "bi": 2, "cross": 4}  # scan mode -> number of directions
@@ -546,21 +547,23 @@ def compare_backends(model, batch_size):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Check the Vision Mamba 2 architecture: shapes, parameters, "
-                                                 "backend, a forward and backward pass on CPU (and CUDA).")
+    # usage errors as train.py's: one line and exit status 2
+    parser = Parser(description="Check the Vision Mamba 2 architecture: shapes, parameters, backend, a forward and "
+                                "backward pass on CPU (and CUDA).")
     for f in dataclasses.fields(VisionMamba2Config):
         flag, kind, text = "--" + f.name.replace("_", "-"), type(f.default), f"(default: {f.default})"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:
             parser.add_argument(flag, type=kind, default=f.default, help=text)
-    parser.add_argument("--batch-size", type=int, default=4)
+    # at least 1: an empty batch would "pass" the check with nothing checked
+    parser.add_argument("--batch-size", type=int_at_least(1), default=4, help="(default: 4)")
     args = vars(parser.parse_args())
     batch_size = args.pop("batch_size")
     try:
         model = create_vision_mamba2_model(**args)
     except (ValueError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+        parser.error(f"invalid model configuration: {e}")
 
     print("Vision Mamba 2 configuration:")
     for key, value in dataclasses.asdict(model.config).items():

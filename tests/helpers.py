@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torchvision.datasets import MNIST
 
 import train
 
@@ -43,6 +45,18 @@ def synthetic_digits(n, rng):
 
 def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@torch.no_grad()
+def metrics_on_the_test_set(model, ckpt, data_dir):
+    """(loss, accuracy) of `model` on the MNIST test set in data_dir, computed here, apart from train.py: the images
+    normalized as the checkpoint says, the loss with the run's label smoothing (as train.py reports it)."""
+    test = MNIST(data_dir, train=False)
+    norm = ckpt["normalization"]
+    x = (test.data[:, None].float() / 255 - norm["mean"]) / norm["std"]
+    logits = model.eval()(x)
+    loss = F.cross_entropy(logits, test.targets, label_smoothing=ckpt["args"]["label_smoothing"]).item()
+    return loss, (logits.argmax(dim=1) == test.targets).sum().item() / len(test.targets)
 
 
 def run_script(script, *argv, **kwargs):

@@ -7,7 +7,10 @@ gradients must agree to a relative error ||ours - official|| / ||official|| <= 1
 Skipped when mamba_ssm is not installed. The interpreter is slow: shapes are kept small.
 """
 
+import copy
+import dataclasses
 import importlib.util
+import types
 
 import pytest
 import torch
@@ -27,6 +30,11 @@ RTOL = 1e-5
 
 @pytest.fixture(scope="module")
 def official():
+    # mamba_ssm's __init__ needs transformers, which the Mamba-2 kernels don't: the product's import makes a bare
+    # package when that __init__ fails (as on an install with --no-deps); the shim then imports under it
+    import vision_mamba2
+
+    vision_mamba2.import_official_kernels()
     return load_official_on_cpu()
 
 
@@ -182,3 +190,110 @@ def test_mamba2_module_matches_official(official, case):
     for k, prm in ref_params.items():
         assert prm.grad is not None and our_params[k].grad is not None, k
         assert_close(f"grad {k}", our_params[k].grad, prm.grad)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The project's own wiring: vision_mamba2.Mamba2Mixer with the official kernels, as it runs on a GPU
+
+def causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, final_states_out, silu):
+    """causal-conv1d's compiled forward (cpp_functions.causal_conv1d_fwd_function) in PyTorch, for CPU tensors:
+    x (b, d, l), weight (d, w) -> (b, d, l). Test-only: the fused path calls the compiled one, absent here."""
+    assert seq_idx is None and initial_states is None and final_states_out is None  # what the fused path passes
+    y = F.conv1d(x, weight[:, None], bias, padding=weight.shape[1] - 1, groups=weight.shape[0])[..., :x.shape[-1]]
+    return F.silu(y) if silu else y
+
+
+def causal_conv1d_bwd(x, weight, bias, dout, seq_idx, initial_states, dfinal_states, dx, return_dinitial_states,
+                      silu):
+    """Its backward (causal_conv1d_bwd_function): (dx, dweight, dbias, None), dx written into the given buffer."""
+    assert seq_idx is None and initial_states is None and dfinal_states is None and not return_dinitial_states
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
+        grads = torch.autograd.grad(causal_conv1d_fwd(*leaves, None, None, None, silu), leaves, dout)
+    if dx is not None:
+        dx.copy_(grads[0])
+    return (dx if dx is not None else grads[0]), grads[1], grads[2], None
+
+
+@pytest.fixture(params=["unfused", "fused"])
+def official_backend(request, official, monkeypatch):
+    """vision_mamba2's backend 'official' running on CPU tensors: the kernels import_official_kernels found (here
+    interpreted), without the conv ("unfused": what runs where causal-conv1d is not installed) or fused with it
+    (mamba_split_conv1d_scan_combined, causal-conv1d's compiled functions replaced by the PyTorch ones above). Outside
+    this fixture 'official' runs only on CUDA."""
+    import vision_mamba2
+
+    kernels, note = vision_mamba2.import_official_kernels()
+    assert kernels is not None, note
+    ssd_combined = official.ssd_combined
+    assert kernels.scan is ssd_combined.mamba_chunk_scan_combined  # the interpreted kernels of the shim
+    fused = None
+    if request.param == "fused":
+        monkeypatch.setattr(ssd_combined, "causal_conv1d_fwd_function", causal_conv1d_fwd)
+        monkeypatch.setattr(ssd_combined, "causal_conv1d_bwd_function", causal_conv1d_bwd)
+        fused = ssd_combined.mamba_split_conv1d_scan_combined
+    monkeypatch.setattr(vision_mamba2, "load_official_kernels",
+                        lambda: types.SimpleNamespace(scan=kernels.scan, gated_norm=kernels.gated_norm, fused=fused))
+    monkeypatch.setattr(vision_mamba2, "resolve_backend", lambda backend, device: backend)
+    return request.param
+
+
+MIXER_CASES = {  # (the project's own settings run in the whole-model test below)
+    # two groups, D per channel, norm before the gate, dt clamped, 3 chunks: each argument the fused call passes on
+    "L20_c8_ngroups2_Dhdim_normbefore_dtlimit": dict(
+        ctor=dict(d_model=16, d_state=8, headdim=8, ngroups=2, D_has_hdim=True, norm_before_gate=True,
+                  dt_limit=(0.002, 0.1), chunk_size=8), seqlen=20),
+}
+
+
+def forward_backward(module, x, dout):
+    """Output, input gradient and parameter gradients of module(x) against dout."""
+    module.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    y = module(x)
+    y.backward(dout)
+    return y, x.grad, {name: p.grad for name, p in module.named_parameters()}
+
+
+def assert_same_pass(official_pass, portable_pass):
+    (y, dx, grads), (y_ref, dx_ref, grads_ref) = official_pass, portable_pass
+    assert_close("output", y, y_ref)
+    assert_close("d input", dx, dx_ref)
+    for name, g in grads_ref.items():
+        assert g is not None and grads[name] is not None, name
+        assert_close(f"grad {name}", grads[name], g)
+
+
+@pytest.mark.parametrize("case", list(MIXER_CASES))
+def test_mixer_on_the_official_kernels_matches_the_portable_path(official_backend, case):
+    """Mamba2Mixer.forward with backend 'official' (mix with the official scan and gated norm, or the fused kernel)
+    against backend 'portable', same weights: outputs, input and parameter gradients."""
+    from vision_mamba2 import Mamba2Mixer
+
+    c = MIXER_CASES[case]
+    torch.manual_seed(0)
+    mixer = Mamba2Mixer(backend="official", **c["ctor"])
+    with torch.no_grad():  # make every parameter matter (D = 1 and norm.weight = 1 at initialisation)
+        for prm in mixer.parameters():
+            prm.add_(0.1 * torch.randn_like(prm))
+    portable = copy.deepcopy(mixer)
+    portable.backend = "portable"
+    gen = torch.Generator().manual_seed(5)
+    x, dout = (torch.randn(2, c["seqlen"], c["ctor"]["d_model"], generator=gen) for _ in range(2))
+    assert_same_pass(forward_backward(mixer, x, dout), forward_backward(portable, x, dout))
+
+
+def test_vision_mamba2_on_the_official_kernels_matches_the_portable_path(official_backend):
+    """The whole image model, backend 'official' against 'portable' with the same weights: each block hands its
+    directions' token sequences to the kernels as one batch."""
+    from vision_mamba2 import VisionMamba2, VisionMamba2Config
+
+    torch.manual_seed(0)
+    model = VisionMamba2(VisionMamba2Config(d_model=16, num_blocks=1, d_state=8, headdim=8, dropout=0.0,
+                                            backend="official")).eval()
+    portable = VisionMamba2(dataclasses.replace(model.config, backend="portable")).eval()
+    portable.load_state_dict(model.state_dict())
+    assert {block.mixer.backend for block in model.blocks} == {"official"}
+    gen = torch.Generator().manual_seed(6)
+    x, dout = torch.randn(2, 1, 28, 28, generator=gen), torch.randn(2, 10, generator=gen)
+    assert_same_pass(forward_backward(model, x, dout), forward_backward(portable, x, dout))

@@ -146,7 +146,15 @@ def test_drop_path_rises_linearly_over_the_blocks():
 
 
 def test_multiple_of_8_applies_only_to_the_official_kernels():
-    create_vision_mamba2_model(**{**TINY, "d_state": 7, "backend": "portable"})
+    """conv_dim = 16*2 + 2*7 = 46: refused where the official kernels may run (auto, official), built and run by the
+    portable backend."""
+    odd = {**TINY, "d_state": 7}
+    for backend in ("auto", "official"):
+        with pytest.raises(ValueError, match="= 46 to be a multiple of 8"):
+            create_vision_mamba2_model(**odd, backend=backend)
+    model = create_vision_mamba2_model(**odd, backend="portable")
+    assert model.blocks[0].mixer.conv_dim == 46
+    assert torch.isfinite(model(torch.randn(2, 1, 28, 28))).all()
 
 
 def test_config_from_dict_takes_exactly_the_fields():
@@ -181,10 +189,15 @@ def test_architecture_check_cli():
     assert "(4, 32, 7, 7)" in r.stdout and "forward + backward OK" in r.stdout
 
 
-@pytest.mark.parametrize("args,message", [(("--headdim", "24"), "divisible by headdim"),
-                                          (("--scan", "zigzag"), "scan must be one of")])
+@pytest.mark.parametrize("args,message", [
+    (("--headdim", "24"), "invalid model configuration: d_model*expand = 256 must be divisible by headdim = 24"),
+    (("--scan", "zigzag"), "scan must be one of"),
+    (("--batch-size", "0"), "argument --batch-size: must be >= 1, got 0"),  # it used to check an empty batch: "OK"
+    (("--batch-size", "two"), "argument --batch-size: expected an integer, got 'two'"),
+])
 def test_architecture_check_cli_bad_config(args, message):
+    """Usage errors as train.py's: one line on stderr, exit status 2, nothing checked."""
     r = run_cli(*args)
-    assert r.returncode != 0
-    assert message in r.stderr and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert r.stderr.startswith("vision_mamba2.py: error: ") and message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stdout == "", r.stderr

@@ -292,6 +292,12 @@ class Mamba2Mixer(Mamba2):
             if self.backend == "official":  # never the portable twin in its place: say why not (no GPU, no kernels)
                 resolve_backend("official", u.device)
             return super().forward(u)
+        return self.forward_official(u, kernels)
+
+    def forward_official(self, u, kernels):
+        """The same computation through mamba_ssm's kernels: its SSD scan and gated norm around our projections and
+        conv, or, where causal-conv1d is installed, its one fused call (conv, scan, norm and both projections)."""
+        # u : (B, L, D)
         if kernels.fused is None:
             return self.mix(u, scan=kernels.scan, gated_norm=kernels.gated_norm)
         D = rearrange(self.D, "(h p) -> h p", p=self.headdim) if self.D_has_hdim else self.D

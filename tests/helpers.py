@@ -55,7 +55,7 @@ def metrics_on_the_test_set(model, ckpt, data_dir):
     norm = ckpt["normalization"]
     x = (test.data[:, None].float() / 255 - norm["mean"]) / norm["std"]
     logits = model.eval()(x)
-    loss = F.cross_entropy(logits, test.targets, label_smoothing=ckpt["args"]["label_smoothing"]).item()
+    loss = F.cross_entropy(logits, test.targets, label_smoothing=train.LABEL_SMOOTHING).item()
     return loss, (logits.argmax(dim=1) == test.targets).sum().item() / len(test.targets)
 
 

@@ -232,9 +232,13 @@ def official_backend(request, official, monkeypatch):
         monkeypatch.setattr(ssd_combined, "causal_conv1d_fwd_function", causal_conv1d_fwd)
         monkeypatch.setattr(ssd_combined, "causal_conv1d_bwd_function", causal_conv1d_bwd)
         fused = ssd_combined.mamba_split_conv1d_scan_combined
-    monkeypatch.setattr(vision_mamba2, "load_official_kernels",
-                        lambda: types.SimpleNamespace(scan=kernels.scan, gated_norm=kernels.gated_norm, fused=fused))
-    monkeypatch.setattr(vision_mamba2, "resolve_backend", lambda backend, device: backend)
+    on_cpu = types.SimpleNamespace(scan=kernels.scan, gated_norm=kernels.gated_norm, fused=fused)
+    monkeypatch.setattr(vision_mamba2, "resolve_backend", lambda backend, device: backend)  # build it on the CPU
+    # and run backend 'official' through the kernels, as Mamba2Mixer.forward does for CUDA inputs (which kernels
+    # the forward picks for which device: tests/test_backend.py)
+    portable_forward = vision_mamba2.Mamba2Mixer.forward
+    monkeypatch.setattr(vision_mamba2.Mamba2Mixer, "forward", lambda self, u: self.forward_official(u, on_cpu)
+                        if self.backend == "official" else portable_forward(self, u))
     return request.param
 
 

@@ -73,13 +73,16 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def add_config_flags(group, config_cls):
+def add_config_flags(group, config_cls, *, every_field=False):
     """A flag for each field of a model config that has a help line (the dataclass is the one place that holds a
-    model's defaults and their meaning): --d-model for d_model, typed by the field, --no-... for booleans."""
+    model's defaults and their meaning), or for every field: --d-model for d_model, typed by the field (ints >= 1,
+    floats are rates in [0, 1), `int | None` an integer >= 0), --no-... for booleans."""
     for f in dataclasses.fields(config_cls):
-        if "help" not in f.metadata:
+        if "help" not in f.metadata and not every_field:
             continue  # set from the data (in_chans, img_size, ...) or not worth a flag (chunk_size, ...)
-        flag, kwargs = "--" + f.name.replace("_", "-"), dict(default=f.default, help=f.metadata["help"])
+        flag = "--" + f.name.replace("_", "-")
+        kwargs = dict(default=f.default, help=f.metadata.get("help", "fixed in train.py (set from the data, or by "
+                                                                 "design)"))
         if f.type is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif "choices" in f.metadata:

@@ -20,7 +20,6 @@ images one pixel per step, causally, with the same Mamba-2 mixer:
     -> Linear(1, D) -> num_blocks x pre-norm residual Mamba-2 -> LayerNorm -> mean or last step -> MLP head
 """
 
-import argparse
 import dataclasses
 import functools
 import importlib.metadata
@@ -34,7 +33,7 @@ import torch.nn as nn
 from einops import rearrange
 from torchvision.ops import StochasticDepth
 
-from cli import Parser, int_at_least
+from cli import HelpFormatter, Parser, add_config_flags, int_at_least
 from mamba2_torch import Mamba2
 
 SCANS = {"uni": 1, "bi": 2, "cross": 4}  # scan mode -> number of directions
@@ -554,16 +553,11 @@ def compare_backends(model, batch_size):
 
 def main():
     # usage errors as train.py's: one line and exit status 2
-    parser = Parser(description="Check the Vision Mamba 2 architecture: shapes, parameters, backend, a forward and "
+    parser = Parser(formatter_class=HelpFormatter, description="Check the Vision Mamba 2 architecture: shapes, parameters, backend, a forward and "
                                 "backward pass on CPU (and CUDA).")
-    for f in dataclasses.fields(VisionMamba2Config):
-        flag, kind, text = "--" + f.name.replace("_", "-"), type(f.default), f"(default: {f.default})"
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
-        else:
-            parser.add_argument(flag, type=kind, default=f.default, help=text)
+    add_config_flags(parser, VisionMamba2Config, every_field=True)
     # at least 1: an empty batch would "pass" the check with nothing checked
-    parser.add_argument("--batch-size", type=int_at_least(1), default=4, help="(default: 4)")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=4, help="images in the check's batch")
     args = vars(parser.parse_args())
     batch_size = args.pop("batch_size")
     try:

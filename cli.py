@@ -118,18 +118,44 @@ def shorten(e):
     return textwrap.shorten(str(e), 300) or type(e).__name__
 
 
+class ReaderMayLeave:
+    """sys.stdout for `python test_model.py | head`: once the reader has closed the pipe, what is printed after is
+    dropped, and the run goes on to write its files (Python would raise BrokenPipeError at the next print, losing
+    the rest of the run, and print another at exit)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self.reader_left()
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.reader_left()
+
+    def reader_left(self):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())  # the buffered rest goes nowhere, quietly
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ...
+        return getattr(self.stream, name)
+
+
 def exit_status(run, who=""):
     """run()'s exit status, every error turned into one line on stderr: no traceback, nothing lost."""
     def fail(message, status):
         print(f"error{who}: {' '.join(str(message).split())}", file=sys.stderr)  # one line, however long
         return status
+    sys.stdout = ReaderMayLeave(sys.stdout)
     try:
         status = run()
-        sys.stdout.flush()  # here, not at exit, where a closed pipe would print a traceback
+        sys.stdout.flush()
         return status
-    except BrokenPipeError:  # `... | head` read what it wanted and closed our stdout: files are written already
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush stays silent
-        return 0
     except UsageError as e:
         return fail(e, 2)
     except TrainingError as e:
@@ -139,3 +165,5 @@ def exit_status(run, who=""):
     except Exception as e:  # a bug: still one line, with where it happened
         frame = traceback.extract_tb(e.__traceback__)[-1]
         return fail(f"{type(e).__name__} at {os.path.basename(frame.filename)}:{frame.lineno}: {e}", 1)
+    finally:
+        sys.stdout = sys.stdout.stream

@@ -74,6 +74,20 @@ def test_writes_every_output_and_the_numbers_agree(checkpoint, data_dir, tmp_pat
     assert all(name in proc.stdout for name in metrics["classes"])
 
 
+def test_a_reader_that_stops_reading_loses_nothing(checkpoint, data_dir, tmp_path):
+    """`python test_model.py | head`: the reader may close the pipe before the report is printed. The files are
+    written first, and the closed stdout ends the run quietly (Python would print a BrokenPipeError at exit)."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "test_model.py"), "--checkpoint", str(checkpoint),
+                             "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=PROC_ENV)
+    proc.stdout.close()  # before the first line: every write to it fails
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0, err[-2000:]
+    assert "Error" not in err and "Traceback" not in err, err[-2000:]
+    assert json.loads((tmp_path / "metrics.json").read_text())["accuracy"] == load(checkpoint)["metrics"]["test_acc"]
+    assert (tmp_path / "confident_mistakes.png").stat().st_size > 0
+
+
 def test_the_test_set_goes_through_in_batches_once(checkpoint, data_dir, tmp_path, capsys, monkeypatch):
     sizes = []
     forward = VisionMamba2.forward
@@ -130,11 +144,17 @@ BAD_CHECKPOINTS = {
     "bare state_dict": (lambda ckpt, path: torch.save(ckpt["model"], path),
                         r"is not a checkpoint of train.py \(from another program\?\)"),
     "list": (lambda ckpt, path: torch.save([1, 2], path), "is not a checkpoint of train.py .* found a list"),
-    "unknown config key": (edited("config", {"future_knob": 1}),
-                           r"cannot rebuild \(the model config has unknown keys \['future_knob'\]"),
-    "other shapes": (edited("config", {"d_model": 24}), "cannot rebuild .*size mismatch"),
-    "unknown task": (edited("args", {"task": "sequential-mnist"}),
-                     "for task/arch sequential-mnist/mamba2, which this version of test_model.py does not know"),
+    "unknown config key": (edited("config", {"future_knob": 1}), r"says it holds a image/mamba2 model, but its "
+                           r"config does not describe one \(the model config has unknown keys \['future_knob'\]"),
+    "other shapes": (edited("config", {"d_model": 24}), "its weights do not fit the model its config describes .*"
+                                                        "size mismatch"),
+    "unknown task": (edited("args", {"task": "sequential-mnist"}), r"names no model this code builds: its args hold "
+                     r"task/arch sequential-mnist/mamba2; expected one of image/mamba2, image/cnn"),
+    "args without a task": (lambda ckpt, path: torch.save({**ckpt, "args": {"arch": "mamba2"}}, path),
+                            "its args hold task/arch None/mamba2; expected one of image/mamba2"),
+    "no args": (lambda ckpt, path: torch.save({**ckpt, "args": None}, path), "its args hold args of type NoneType"),
+    "relabelled as a CNN": (edited("args", {"arch": "cnn"}), r"says it holds a image/cnn model, but its config does "
+                            r"not describe one \(the model config has unknown keys \[.*\] and lacks \['width'\]"),
 }
 
 

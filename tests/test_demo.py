@@ -1,0 +1,185 @@
+"""demo.py's page: the functions behind it on the CPU (the answer to a picture, the messages instead of one, the
+attention panel, a sequential model's reading), and the page itself in a real browser (headless Chromium driven by
+Selenium; skipped where Gradio, Selenium or the browser is not installed)."""
+
+import dataclasses
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import demo
+import explain
+from checkpoint import CHECKPOINT_FORMAT, SHIPPED, save_checkpoint
+from cli import UsageError
+from helpers import PROC_ENV, REPO
+from vision_mamba2 import SequentialMamba2, SequentialMamba2Config
+
+DIGITS = {  # strokes on a 280x280 canvas, as drawn with the page's brush
+    "7": [(75, 50), (200, 50), (125, 240)],
+    "1": [(140, 40), (140, 240)],
+    "4": [(165, 240), (165, 40), (75, 170), (210, 170)],
+}
+
+
+def canvas(digit=None):
+    """The canvas as the Sketchpad hands it over: black ink on white, RGB."""
+    im = Image.new("RGB", (280, 280), "white")
+    if digit:
+        ImageDraw.Draw(im).line(DIGITS[digit], fill="black", width=18, joint="curve")
+    return im
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return demo.open_reader(SHIPPED)
+
+
+@pytest.mark.parametrize("digit", DIGITS)
+def test_a_drawn_digit_is_read_as_itself(digit, shipped):
+    shown = demo.answer(shipped, canvas(digit), "the canvas")
+    assert shown.message == "" and shown.digit.shape == (28, 28)
+    np.testing.assert_array_equal(shown.digit, explain.mnist_like(explain.picture_of(canvas(digit))[1]))
+    top3 = demo.label(shown.probs, shipped.classes)
+    assert list(top3)[0] == digit and top3[digit] > 0.8 and len(top3) == 3, top3  # label smoothing: about 0.9
+    assert list(top3.values()) == sorted(top3.values(), reverse=True)
+    assert shown.maps.shape == (4, 49, 49) and shown.curves is None  # the shipped model: 4 blocks, 7x7 tokens
+    message, seen, top3_shown, panel = demo.views(shipped, shown, 24, 1)
+    assert message == "" and top3_shown == top3 and seen.shape == (280, 280, 3) and panel.ndim == 3
+
+
+def test_an_upload_is_read_from_its_file(shipped, tmp_path):
+    canvas("7").resize((900, 900)).save(tmp_path / "seven.jpg")
+    shown = demo.answer(shipped, str(tmp_path / "seven.jpg"), "seven.jpg")
+    assert list(demo.label(shown.probs, shipped.classes))[0] == "7"
+
+
+def truncated_png(path):
+    canvas("7").save(path)
+    path.write_bytes(path.read_bytes()[:300])
+
+
+def bomb(path):
+    """A PNG that says it is 20,000 x 20,000 pixels (PIL refuses over 179 million before decoding): a few KB."""
+    Image.new("1", (20000, 20000)).save(path)
+
+
+@pytest.mark.parametrize("make,reason", [
+    (lambda path: canvas().save(path), "no ink: the picture is one flat shade"),
+    (lambda path: path.write_text("not a picture\n"), "not an image"),
+    (truncated_png, "cannot be read"),
+    (bomb, "too large: over 178,956,970 pixels"),
+])
+def test_no_digit_is_a_message_and_no_answer(make, reason, shipped, tmp_path):
+    make(tmp_path / "upload.png")
+    for picture, source in [(str(tmp_path / "upload.png"), "upload.png")] + [(canvas(), "the canvas")] * (
+            reason.startswith("no ink")):
+        shown = demo.answer(shipped, picture, source)
+        assert shown.message.startswith(f"Nothing to read on {source}: {reason}") and "Draw a digit" in shown.message
+        message, seen, top3, panel = demo.views(shipped, shown, 24, 1)
+        assert message == shown.message and top3 is None and panel is None  # no guess, not even a weak one
+        assert seen.shape == (280, 280, 3) and seen.max() == 0  # nothing seen
+
+
+def test_a_weak_best_guess_is_said_to_be_one():
+    classes = [str(k) for k in range(10)]
+    spread = np.array([0.05, 0.04, 0.38, 0.2, 0.03, 0.1, 0.05, 0.05, 0.05, 0.05])
+    assert demo.doubt(spread, classes) == ("The model is unsure: its best guess, 2, has only 38%. This may be no "
+                                           "digit, or one written unlike MNIST's.")
+    sure = np.full(10, 0.01)
+    sure[7] = 0.91
+    assert demo.doubt(sure, classes) == ""
+
+
+@pytest.mark.parametrize("x,y,token", [(0, 0, 0), (279, 279, 48), (280, 0, 6), (45, 41, 8), (140, 140, 24),
+                                       (39.9, 40.0, 7)])
+def test_a_click_picks_the_token_under_it(x, y, token):
+    assert demo.token_at(x, y, 280, 7) == token  # 7x7 tokens of 40 screen pixels on the 280-pixel picture
+
+
+def test_the_seen_picture_boxes_the_picked_token():
+    digit = np.zeros((28, 28))
+    digit[4:24, 10:14] = 1
+    seen = demo.seen_picture(digit, 7 * 2 + 5, 7)  # row 3, column 6 (from 1)
+    assert seen.shape == (280, 280, 3) and (seen[100, 120] == 255).all()  # the ink, 10x larger
+    lime = np.all(seen == demo.QUERY, axis=-1)
+    rows, cols = np.nonzero(lime)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (80, 119, 200, 239)
+
+
+def test_the_attention_panel_shows_the_picked_tokens_row_and_the_pooled_output():
+    """Per block, the token the query takes most from is the brightest tile of the first row, and the token that
+    feeds the pooled output most the brightest of the second (no ink over them)."""
+    blocks, L, query = 3, 49, 10
+    maps = np.full((blocks, L, L), 0.01)
+    for b in range(blocks):
+        maps[b, query, 30 + b] = 1  # the query token takes from token 30 + b
+        maps[b, :, 40 + b] += 0.5  # every token takes from 40 + b: it feeds the pooled output most
+    panel = demo.attention_panel(np.zeros((28, 28)), maps, query)
+    side, title = 28 * demo.TILE, 20
+    assert panel.shape == (2 * (side + title), blocks * side, 3)
+    patch = side // 7
+    for r, token in enumerate([30, 40]):
+        top = r * (side + title) + title
+        for b in range(blocks):
+            tile = panel[top:top + side, b * side:(b + 1) * side].astype(float).sum(axis=-1)  # (side, side)
+            cells = np.median(tile.reshape(7, patch, 7, patch), axis=(1, 3)).ravel()  # not the title, nor the box
+            assert cells.argmax() == token + b, (r, b)
+    brightest = np.uint8(255 * np.array(matplotlib.colormaps["magma"](1.0)[:3]))
+    r, c = divmod(31, 7)  # block 2's token 31, where the query takes from: magma's brightest
+    assert (panel[title + r * patch + patch // 2, side + c * patch + patch // 2] == brightest).all()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The checkpoints the page takes
+
+def write_checkpoint(path, model, task, dataset="mnist"):
+    save_checkpoint({"format": CHECKPOINT_FORMAT, "model": model.state_dict(),
+                     "config": dataclasses.asdict(model.config), "args": {"task": task, "arch": "mamba2"},
+                     "dataset": dataset, "normalization": {"mean": 0.1307, "std": 0.3081}, "epoch": 1,
+                     "metrics": {}}, str(path))
+    return str(path)
+
+
+def tiny_sequential(readout, seq_len=784):
+    torch.manual_seed(0)
+    return SequentialMamba2(SequentialMamba2Config(seq_len=seq_len, d_model=16, num_blocks=2, d_state=8, headdim=8,
+                                                   readout=readout, backend="portable")).eval()
+
+
+@pytest.mark.parametrize("readout", ["mean", "last"])
+def test_a_sequential_model_shows_its_reading(readout, tmp_path):
+    reader = demo.open_reader(write_checkpoint(tmp_path / "s.pth", tiny_sequential(readout), "smnist"))
+    assert reader.sequential and not reader.has_attention
+    shown = demo.answer(reader, canvas("7"), "the canvas")
+    assert shown.curves.shape == (784, 10) and shown.maps is None
+    # the curves in one parallel pass are the recurrent form's, step by step
+    x = (torch.as_tensor(shown.digit)[None, None] - 0.1307) / 0.3081
+    np.testing.assert_allclose(shown.curves, explain.probabilities_while_reading(reader.model, x)[0], atol=1e-5)
+    np.testing.assert_array_equal(shown.probs, shown.curves[-1])
+    with torch.no_grad():
+        np.testing.assert_allclose(shown.probs, reader.model(x).softmax(dim=1)[0].numpy(), atol=1e-5)
+    _, _, top3, panel = demo.views(reader, shown, 24, 300)
+    assert len(top3) == 3 and panel.ndim == 3 and panel.shape[2] == 3
+
+
+def test_a_checkpoint_of_signals_is_refused(tmp_path):
+    path = write_checkpoint(tmp_path / "m1d.pth", tiny_sequential("mean", seq_len=40), "smnist", "mnist1d")
+    with pytest.raises(UsageError, match="reads mnist1d signals, not pictures"):
+        demo.open_reader(path)
+
+
+def test_without_gradio_one_line_says_how_to_install_it(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio raises ImportError, as where it is missing
+    with pytest.raises(SystemExit) as exit:
+        demo.main(["--checkpoint", SHIPPED])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == ("error: demo.py needs Gradio, which the rest of the code does not: "
+                                       "pip install gradio\n")

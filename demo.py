@@ -219,7 +219,7 @@ def build_page(reader):
                 seen = gr.Image(label="what the model sees (28x28)" + (": click a token" if reader.has_attention
                                                                         else ""),
                                 interactive=False, elem_id="seen")
-                upload = gr.File(file_types=["image"], label="or upload a picture", elem_id="upload", height=90)
+                upload = gr.File(file_types=["image"], label="or upload a picture", elem_id="upload", height=120)
             with gr.Column():
                 top3 = gr.Label(num_top_classes=3, label="the likeliest classes", elem_id="prediction")
                 message = gr.Markdown(START, elem_id="message")
@@ -228,8 +228,8 @@ def build_page(reader):
             gr.Markdown("**Hidden attention**: each block's Mamba-2 scan is y = M x, one matrix M = L ∘ C Bᵀ per "
                         "head (the SSD as masked attention); shown: |M| averaged over the heads and scan directions.")
             with gr.Row():
-                row = gr.Slider(1, grid, value=grid // 2 + 1, step=1, label="token row")
-                col = gr.Slider(1, grid, value=grid // 2 + 1, step=1, label="token column")
+                row = gr.Slider(1, grid, value=grid // 2 + 1, step=1, label="token row", elem_id="row")
+                col = gr.Slider(1, grid, value=grid // 2 + 1, step=1, label="token column", elem_id="col")
         if reader.sequential:
             pixels = gr.Slider(1, reader.model.config.seq_len, value=reader.model.config.seq_len, step=1,
                                label="pixels read")

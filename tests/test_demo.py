@@ -183,3 +183,104 @@ def test_without_gradio_one_line_says_how_to_install_it(monkeypatch, capsys):
     assert exit.value.code == 2
     assert capsys.readouterr().err == ("error: demo.py needs Gradio, which the rest of the code does not: "
                                        "pip install gradio\n")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The page in a real browser: python demo.py on 127.0.0.1, driven in headless Chromium
+
+BROWSER, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    """python demo.py on a free loopback port, run where there is no checkpoint of the user's (so: the shipped
+    model): its address, once it says it serves."""
+    pytest.importorskip("gradio", reason="the page needs Gradio (pip install gradio)")
+    if not (BROWSER and DRIVER):
+        pytest.skip("needs a browser: Debian's chromium and chromium-driver (apt-get install chromium "
+                    "chromium-driver)")
+    work = tmp_path_factory.mktemp("page")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with open(work / "demo.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, str(REPO / "demo.py"), "--port", str(port)], cwd=work,
+                                env=PROC_ENV, stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(240):  # a minute at most; a few seconds on an idle machine
+            said = (work / "demo.log").read_text()
+            if f"the page is at http://127.0.0.1:{port}" in said or proc.poll() is not None:
+                break
+            time.sleep(0.25)
+        assert proc.poll() is None and "the page is at" in said, said
+        assert said.startswith("using the pretrained model"), said
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    webdriver = pytest.importorskip("selenium.webdriver", reason="the browser test needs Selenium (pip install "
+                                                                 "selenium)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = BROWSER  # the installed one: nothing is downloaded
+    for flag in ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1200",
+                 "--no-proxy-server"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(DRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_the_page_reads_a_digit_in_a_browser(page, browser, tmp_path):
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def shown(what, timeout=60):
+        """Waits until what() is true; what() is read again for the failure's message."""
+        try:
+            WebDriverWait(browser, timeout).until(lambda _: what())
+        except TimeoutException:
+            pass
+        return what()
+
+    def predicted():
+        found = browser.find_elements(By.CSS_SELECTOR, "#prediction [data-testid=label-output-value]")
+        return found[0].text if found else None
+
+    def token():  # the picked token's row and column, as the sliders show them
+        return [browser.find_element(By.CSS_SELECTOR, f"#{name} input[type=number]").get_attribute("value")
+                for name in ("row", "col")]
+
+    def message():
+        return browser.find_element(By.ID, "message").text
+
+    browser.get(page)
+    upload = WebDriverWait(browser, 60).until(lambda b: b.find_element(By.CSS_SELECTOR, "#upload input[type=file]"))
+    assert predicted() is None  # nothing drawn, nothing guessed
+
+    canvas("7").save(tmp_path / "seven.png")  # an upload
+    upload.send_keys(str(tmp_path / "seven.png"))
+    assert shown(lambda: predicted() == "7"), predicted()
+
+    browser.find_element(By.CSS_SELECTOR, "#canvas button[aria-label=Brush]").click()  # a stroke: a 1
+    board = browser.find_element(By.CSS_SELECTOR, "#canvas canvas")
+    h = board.size["height"]
+    ActionChains(browser).move_to_element_with_offset(board, 0, int(-0.35 * h)).click_and_hold() \
+        .move_to_element_with_offset(board, 0, int(0.35 * h)).release().perform()
+    assert shown(lambda: predicted() == "1"), predicted()
+
+    seen = browser.find_element(By.CSS_SELECTOR, "#seen img")  # a click on the top-left token picks it
+    ActionChains(browser).move_to_element_with_offset(seen, int(-0.45 * seen.size["width"]),
+                                                      int(-0.45 * seen.size["height"])).click().perform()
+    assert shown(lambda: token() == ["1", "1"]), token()
+
+    (tmp_path / "notes.png").write_text("not a picture\n")  # no picture: a message, and no guess
+    browser.find_element(By.CSS_SELECTOR, "#upload button[aria-label='Clear']").click()
+    browser.find_element(By.CSS_SELECTOR, "#upload input[type=file]").send_keys(str(tmp_path / "notes.png"))
+    assert shown(lambda: "not an image" in message()), message()
+    assert message().startswith("Nothing to read on notes.png: not an image") and predicted() is None

@@ -34,6 +34,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
 
 import explain
 from checkpoint import default_checkpoint, load_checkpoint, model_kind, rebuild_model
@@ -43,7 +44,7 @@ from data import DATASETS, SEQUENCE_DATASETS
 UNSURE = 0.5  # a best guess below this probability is said to be weak: a scribble spreads the probabilities
 SCALE = 10  # screen pixels per pixel of the 28x28 picture the model sees
 TILE = 6  # and per pixel in the attention panel's tiles
-INK = np.array([0.0, 0.9, 1.0])  # the digit drawn over the attention maps: cyan, as in attention.png
+INK = np.array([0.0, 0.9, 1.0])  # the digit's outline over the attention maps: cyan, as in attention.png
 QUERY = (80, 255, 80)  # the token picked: lime
 
 
@@ -149,7 +150,7 @@ def attention_panel(digit, maps, query):
     """maps (blocks, L, L) from explain.attention_maps over the digit (28, 28) as one picture (H, W, 3) uint8: a
     column per block, in the first row what the token `query` takes from each token (its row of M), in the
     second how much each token feeds the pooled output (the mean of M's rows); each map scaled to sum to 1, one
-    colour scale per row, the digit over it in cyan."""
+    colour scale per row, the digit's outline over it in cyan."""
     blocks, L, _ = maps.shape
     grid, side, title = int(np.sqrt(L)), 28 * TILE, 20
     rows = [maps[:, query], maps.mean(axis=1)]  # each (blocks, L)
@@ -157,14 +158,15 @@ def attention_panel(digit, maps, query):
              "how much each token feeds the pooled output (the mean over tokens), per block"]
     panel = Image.new("RGB", (blocks * side, 2 * (side + title)), "white")
     draw, font = ImageDraw.Draw(panel), ImageFont.load_default(size=14)
-    ink = np.kron(digit, np.ones((TILE, TILE)))[..., None]  # (side, side, 1)
+    ink = np.kron(digit > 0.5, np.ones((TILE, TILE), bool))
+    outline = (ink & ~ndimage.binary_erosion(ink, iterations=2))[..., None]  # (side, side, 1), 2 pixels wide
     for r, (share, name) in enumerate(zip(rows, names)):
         share = share / share.sum(axis=-1, keepdims=True)
         top = r * (side + title) + title
         draw.text((4, top - title + 3), name, fill="black", font=font)
         for b in range(blocks):
             heat = matplotlib.colormaps["magma"](share[b] / share.max())[:, :3].reshape(grid, grid, 3)
-            tile = np.kron(heat, np.ones((side // grid, side // grid, 1))) * (1 - 0.45 * ink) + 0.45 * ink * INK
+            tile = np.where(outline, INK, np.kron(heat, np.ones((side // grid, side // grid, 1))))
             panel.paste(Image.fromarray(np.uint8(255 * tile)), (b * side, top))
             draw.text((b * side + 4, top + 2), f"block {b + 1}", fill="white", font=font)
             if r == 0:

@@ -136,6 +136,14 @@ def test_the_attention_panel_shows_the_picked_tokens_row_and_the_pooled_output()
     r, c = divmod(31, 7)  # block 2's token 31, where the query takes from: magma's brightest
     assert (panel[title + r * patch + patch // 2, side + c * patch + patch // 2] == brightest).all()
 
+    digit = np.zeros((28, 28))
+    digit[4:24, 10:16] = 1  # a bar: its outline in cyan, the maps inside it
+    panel = demo.attention_panel(digit, maps, query)[title:title + side, :side]  # block 1, the query's row
+    cyan = np.uint8(255 * demo.INK)
+    bottom, left = 24 * demo.TILE - 1, 10 * demo.TILE  # the bar's last row and first column, on the tile
+    assert (panel[bottom, 80] == cyan).all() and (panel[100, left] == cyan).all()
+    assert (panel[100, left + 3] != cyan).any()  # inside the bar, past its outline
+
 
 # ----------------------------------------------------------------------------------------------------
 # The checkpoints the page takes

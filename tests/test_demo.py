@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 
 import demo
 import explain
+from baselines import CNN, CNNConfig
 from checkpoint import CHECKPOINT_FORMAT, SHIPPED, save_checkpoint
 from cli import UsageError
 from helpers import PROC_ENV, REPO
@@ -148,11 +149,12 @@ def test_the_attention_panel_shows_the_picked_tokens_row_and_the_pooled_output()
 # ----------------------------------------------------------------------------------------------------
 # The checkpoints the page takes
 
-def write_checkpoint(path, model, task, dataset="mnist"):
+def write_checkpoint(path, model, task, arch="mamba2", dataset="mnist", mean=0.1307, std=0.3081):
+    """A checkpoint as train.py writes it, of a model with the weights it has."""
     save_checkpoint({"format": CHECKPOINT_FORMAT, "model": model.state_dict(),
-                     "config": dataclasses.asdict(model.config), "args": {"task": task, "arch": "mamba2"},
-                     "dataset": dataset, "normalization": {"mean": 0.1307, "std": 0.3081}, "epoch": 1,
-                     "metrics": {}}, str(path))
+                     "config": dataclasses.asdict(model.config), "args": {"task": task, "arch": arch},
+                     "dataset": dataset, "normalization": {"mean": mean, "std": std}, "epoch": 1, "metrics": {}},
+                    str(path))
     return str(path)
 
 
@@ -178,8 +180,22 @@ def test_a_sequential_model_shows_its_reading(readout, tmp_path):
     assert len(top3) == 3 and panel.ndim == 3 and panel.shape[2] == 3
 
 
+def test_a_baseline_is_answered_without_maps(tmp_path):
+    torch.manual_seed(0)
+    cnn = CNN(CNNConfig(width=8)).eval()
+    reader = demo.open_reader(write_checkpoint(tmp_path / "c.pth", cnn, "image", "cnn", "fashion-mnist", 0.2860,
+                                               0.3530))
+    assert not (reader.sequential or reader.has_attention) and reader.classes[0] == "T-shirt/top"
+    shown = demo.answer(reader, canvas("1"), "the canvas")
+    with torch.no_grad():
+        x = (torch.as_tensor(shown.digit)[None, None] - 0.2860) / 0.3530
+        np.testing.assert_allclose(shown.probs, cnn(x).softmax(dim=1)[0].numpy(), atol=1e-6)
+    _, _, top3, panel = demo.views(reader, shown, 24, 1)
+    assert shown.maps is shown.curves is None and panel is None and len(top3) == 3
+
+
 def test_a_checkpoint_of_signals_is_refused(tmp_path):
-    path = write_checkpoint(tmp_path / "m1d.pth", tiny_sequential("mean", seq_len=40), "smnist", "mnist1d")
+    path = write_checkpoint(tmp_path / "m1d.pth", tiny_sequential("mean", seq_len=40), "smnist", dataset="mnist1d")
     with pytest.raises(UsageError, match="reads mnist1d signals, not pictures"):
         demo.open_reader(path)
 
@@ -292,3 +308,11 @@ def test_the_page_reads_a_digit_in_a_browser(page, browser, tmp_path):
     browser.find_element(By.CSS_SELECTOR, "#upload input[type=file]").send_keys(str(tmp_path / "notes.png"))
     assert shown(lambda: "not an image" in message()), message()
     assert message().startswith("Nothing to read on notes.png: not an image") and predicted() is None
+
+    (tmp_path / "huge.png").write_bytes(bytes(21 << 20))  # over the page's 20 MB: refused before it is read
+    browser.find_element(By.CSS_SELECTOR, "#upload button[aria-label='Clear']").click()
+    browser.find_element(By.CSS_SELECTOR, "#upload input[type=file]").send_keys(str(tmp_path / "huge.png"))
+
+    def toasts():
+        return " ".join(toast.text for toast in browser.find_elements(By.CSS_SELECTOR, "[data-testid=toast-body]"))
+    assert shown(lambda: 'exceed the maximum allowed size of 20.0 Mb: "huge.png"' in toasts()), toasts()

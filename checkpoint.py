@@ -95,6 +95,8 @@ def load_checkpoint(path, flag="--checkpoint"):
 
 YOURS = "vision_mamba2_mnist.pth"  # what `python train.py` writes in the working directory
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained", YOURS)  # comes with the code
+DEFAULT_HELP = (f"a checkpoint written by train.py (default: ./{YOURS}, what python train.py writes, if there is "
+                f"one, else the pretrained model that comes with the code, pretrained/{YOURS})")  # --checkpoint's
 
 
 def default_checkpoint():

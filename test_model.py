@@ -44,7 +44,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import explain
-from checkpoint import YOURS, atomic_write, default_checkpoint, load_checkpoint, model_kind, rebuild_model
+from checkpoint import (DEFAULT_HELP, atomic_write, default_checkpoint, load_checkpoint, model_kind,
+                        rebuild_model)
 from cli import HelpFormatter, Parser, UsageError, device_name, exit_status, int_at_least, resolve_device
 from data import DATASETS, SEQUENCE_DATASETS, DeviceSplit, load_datasets
 from steps import keep_freed_memory_in_process
@@ -60,9 +61,7 @@ def build_parser():
                      description="Evaluate a train.py checkpoint on the whole test set: accuracy, per-class accuracy, "
                                  "classification report, confusion matrix, sample predictions and the most confident "
                                  "mistakes (PNG files), and metrics.json.")
-    p.add_argument("--checkpoint", default=None,
-                   help=f"a checkpoint written by train.py (default: ./{YOURS}, what python train.py writes, if "
-                        f"there is one, else the pretrained model that comes with the code, pretrained/{YOURS})")
+    p.add_argument("--checkpoint", default=None, help=DEFAULT_HELP)
     p.add_argument("--data-dir", default="./data",
                    help="torchvision root: <data-dir>/MNIST/raw/ or <data-dir>/FashionMNIST/raw/")
     p.add_argument("--dataset", choices=list(DATASETS), default=None,

@@ -46,6 +46,7 @@ SCALE = 10  # screen pixels per pixel of the 28x28 picture the model sees
 TILE = 6  # and per pixel in the attention panel's tiles
 INK = np.array([0.0, 0.9, 1.0])  # the digit's outline over the attention maps: cyan, as in attention.png
 QUERY = (80, 255, 80)  # the token picked: lime
+START = "Draw a digit on the canvas, or upload a picture of one."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,11 @@ class Reader:
     @property
     def has_attention(self):
         return self.kind == ("image", "mamba2")
+
+    @property
+    def grid(self):
+        """Tokens per side (Vision Mamba 2)."""
+        return self.model.grid_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,18 +135,19 @@ def token_at(x, y, side, grid):
     return row * grid + col
 
 
-def seen_picture(digit, query, grid):
-    """What the model sees, SCALE times larger (H, W, 3) uint8, the token `query` boxed; a black square when there
-    is no digit."""
+def seen_picture(digit, query=None, grid=None):
+    """What the model sees, SCALE times larger (H, W, 3) uint8, the token `query` of the grid x grid boxed if one
+    is given; a black square when there is no digit."""
     gray = np.zeros((28, 28)) if digit is None else digit
     big = np.repeat(np.repeat(np.uint8(255 * gray), SCALE, 0), SCALE, 1)
     image = Image.fromarray(big).convert("RGB")
-    if digit is not None:
+    if digit is not None and query is not None:
         box(ImageDraw.Draw(image), query, grid, big.shape[0] / grid)
     return np.asarray(image)
 
 
 def box(draw, query, grid, patch, left=0, top=0):
+    """The token `query` of a grid x grid of square patches (pixels) boxed, the grid's corner at (left, top)."""
     r, c = divmod(query, grid)
     draw.rectangle([left + c * patch, top + r * patch, left + (c + 1) * patch - 1, top + (r + 1) * patch - 1],
                    outline=QUERY, width=2)
@@ -192,23 +199,18 @@ def reading_panel(reader, answer, t):
 def views(reader, shown, query, t):
     """What the page's outputs show for an Answer: the message, what the model sees, the likeliest classes, and the
     attention panel (Vision Mamba 2) or the reading after t pixels (sequential models); None where there is none."""
-    grid = reader.model.grid_size if reader.has_attention else 7
-    panel = None
+    seen, top3, panel = seen_picture(shown.digit), label(shown.probs, reader.classes), None
     if shown.digit is not None and reader.has_attention:
-        panel = attention_panel(shown.digit, shown.maps, query)
+        seen, panel = seen_picture(shown.digit, query, reader.grid), attention_panel(shown.digit, shown.maps, query)
     if shown.digit is not None and reader.sequential:
         panel = reading_panel(reader, shown, t)
-    return shown.message, seen_picture(shown.digit, query, grid), label(shown.probs, reader.classes), panel
-
-
-START = "Draw a digit on the canvas, or upload a picture of one."
+    return shown.message, seen, top3, panel
 
 
 def build_page(reader):
     """The page: Gradio's components, each event wired to the functions above."""
     import gradio as gr  # optional: only the page needs it
 
-    grid = reader.model.grid_size if reader.has_attention else 7
     with gr.Blocks(title="Vision Mamba 2 reads your handwriting") as page:
         gr.Markdown(f"## Vision Mamba 2 reads your handwriting ({reader.name})\nPick the brush (the pen at the "
                     f"canvas's left) and draw a digit, or upload a picture of one: the answer changes as you draw.")
@@ -225,8 +227,9 @@ def build_page(reader):
             with gr.Column():
                 top3 = gr.Label(num_top_classes=3, label="the likeliest classes", elem_id="prediction")
                 message = gr.Markdown(START, elem_id="message")
-        row = col = pixels = gr.State(0)
+        row = col = pixels = gr.State(1)  # the controls this model has not: every handler takes all three
         if reader.has_attention:
+            grid = reader.grid
             gr.Markdown("**Hidden attention**: each block's Mamba-2 scan is y = M x, one matrix M = L ∘ C Bᵀ per "
                         "head (the SSD as masked attention); shown: |M| averaged over the heads and scan directions.")
             with gr.Row():
@@ -241,7 +244,8 @@ def build_page(reader):
         outputs = [message, seen, top3, panel]
 
         def show(answered, r, c, t):
-            return answered, *views(reader, answered, (int(r) - 1) * grid + int(c) - 1, int(t))
+            query = (int(r) - 1) * reader.grid + int(c) - 1 if reader.has_attention else None
+            return answered, *views(reader, answered, query, int(t))
 
         def drawn(value, r, c, t):
             picture = value and value["composite"]
@@ -251,8 +255,8 @@ def build_page(reader):
             return show(answer(reader, path, os.path.basename(path)), r, c, t)
 
         def clicked(event: gr.SelectData):
-            token = token_at(*event.index, 28 * SCALE, grid)
-            return token // grid + 1, token % grid + 1
+            token = token_at(*event.index, 28 * SCALE, reader.grid)
+            return np.add(divmod(token, reader.grid), 1).tolist()
 
         controls = [row, col, pixels]
         canvas.change(drawn, [canvas, *controls], [shown, *outputs], trigger_mode="always_last",

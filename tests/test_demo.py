@@ -113,6 +113,7 @@ def test_the_seen_picture_boxes_the_picked_token():
     lime = np.all(seen == demo.QUERY, axis=-1)
     rows, cols = np.nonzero(lime)
     assert (rows.min(), rows.max(), cols.min(), cols.max()) == (80, 119, 200, 239)
+    assert not np.all(demo.seen_picture(digit) == demo.QUERY, axis=-1).any()  # no tokens: no box
 
 
 def test_the_attention_panel_shows_the_picked_tokens_row_and_the_pooled_output():
@@ -176,8 +177,9 @@ def test_a_sequential_model_shows_its_reading(readout, tmp_path):
     np.testing.assert_array_equal(shown.probs, shown.curves[-1])
     with torch.no_grad():
         np.testing.assert_allclose(shown.probs, reader.model(x).softmax(dim=1)[0].numpy(), atol=1e-5)
-    _, _, top3, panel = demo.views(reader, shown, 24, 300)
+    _, seen, top3, panel = demo.views(reader, shown, None, 300)
     assert len(top3) == 3 and panel.ndim == 3 and panel.shape[2] == 3
+    np.testing.assert_array_equal(seen, demo.seen_picture(shown.digit))
 
 
 def test_a_baseline_is_answered_without_maps(tmp_path):
@@ -190,8 +192,9 @@ def test_a_baseline_is_answered_without_maps(tmp_path):
     with torch.no_grad():
         x = (torch.as_tensor(shown.digit)[None, None] - 0.2860) / 0.3530
         np.testing.assert_allclose(shown.probs, cnn(x).softmax(dim=1)[0].numpy(), atol=1e-6)
-    _, _, top3, panel = demo.views(reader, shown, 24, 1)
+    _, seen, top3, panel = demo.views(reader, shown, None, 1)
     assert shown.maps is shown.curves is None and panel is None and len(top3) == 3
+    np.testing.assert_array_equal(seen, demo.seen_picture(shown.digit))  # no token boxed: a CNN has none
 
 
 def test_a_checkpoint_of_signals_is_refused(tmp_path):

@@ -212,6 +212,19 @@ def test_without_gradio_one_line_says_how_to_install_it(monkeypatch, capsys):
                                        "pip install gradio\n")
 
 
+
+def test_a_busy_port_is_one_line(tmp_path):
+    pytest.importorskip("gradio", reason="the page needs Gradio (pip install gradio)")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, str(REPO / "demo.py"), "--port", str(port)], cwd=tmp_path,
+                              env=PROC_ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: --port {port}: cannot serve there")
+    assert proc.stderr.count("\n") == 1, proc.stderr
+
+
 # ----------------------------------------------------------------------------------------------------
 # The page in a real browser: python demo.py on 127.0.0.1, driven in headless Chromium
 

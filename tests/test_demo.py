@@ -274,7 +274,7 @@ def browser():
     driver.quit()
 
 
-def test_the_page_reads_a_digit_in_a_browser(page, browser, tmp_path):
+def test_the_page_reads_a_digit_in_a_browser(browser, page, tmp_path):
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver import ActionChains
     from selenium.webdriver.common.by import By

@@ -1,6 +1,6 @@
 """
 What a trained model does, in figures: test_model.py's --image, --attention and, for a sequential checkpoint, the
-reading curves. Each takes a model rebuilt by test_model.build_model and writes one PNG.
+reading curves (and, live, demo.py's page). Each takes a model rebuilt by checkpoint.rebuild_model.
 
     your own pictures   prepared as MNIST was made (grayscale, ink bright on black, cropped, scaled into a 20x20
                         box, centred by its centre of mass in 28x28), classified, drawn beside what the model saw

@@ -93,6 +93,24 @@ def load_checkpoint(path, flag="--checkpoint"):
     return ckpt
 
 
+YOURS = "vision_mamba2_mnist.pth"  # what `python train.py` writes in the working directory
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained", YOURS)  # comes with the code
+DEFAULT_HELP = (f"a checkpoint written by train.py (default: ./{YOURS}, what python train.py writes, if there is "
+                f"one, else the pretrained model that comes with the code, pretrained/{YOURS})")  # --checkpoint's
+
+
+def default_checkpoint():
+    """--checkpoint's default for test_model.py and demo.py, and the line that says which it is: yours if python
+    train.py wrote one here, else the pretrained one that comes with the code."""
+    if os.path.exists(YOURS):
+        return YOURS, f"using your {YOURS} (written by python train.py; pass --checkpoint to use another)"
+    if os.path.exists(SHIPPED):
+        return SHIPPED, (f"using the pretrained model that comes with the code, {SHIPPED} (there is no {YOURS} "
+                         f"here: python train.py writes one, which is then used)")
+    raise UsageError(f"no checkpoint: there is no {YOURS} here (train one with `python train.py`) nor a pretrained "
+                     f"model at {SHIPPED}: pass --checkpoint PATH")
+
+
 def model_kind(ckpt):
     """(task, arch) of a checkpoint that load_checkpoint accepted."""
     return ckpt["args"]["task"], ckpt["args"]["arch"]

@@ -44,17 +44,16 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import explain
-from checkpoint import atomic_write, load_checkpoint, model_kind, rebuild_model
+from checkpoint import (DEFAULT_HELP, atomic_write, default_checkpoint, load_checkpoint, model_kind,
+                        rebuild_model)
 from cli import HelpFormatter, Parser, UsageError, device_name, exit_status, int_at_least, resolve_device
 from data import DATASETS, DeviceSplit, load_datasets
 from steps import keep_freed_memory_in_process
 from vision_mamba2 import count_params, describe_backend
 
-YOURS = "vision_mamba2_mnist.pth"  # what `python train.py` writes in the working directory
 ATTENTION_DIGITS = 4  # test digits in --attention's figure
 READING_DIGITS = 4  # and in reading.png, a sequential model's
 READ_FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # of the pixels, after which a sequential model's accuracy is measured
-SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained", YOURS)  # comes with the code
 
 
 def build_parser():
@@ -62,9 +61,7 @@ def build_parser():
                      description="Evaluate a train.py checkpoint on the whole test set: accuracy, per-class accuracy, "
                                  "classification report, confusion matrix, sample predictions and the most confident "
                                  "mistakes (PNG files), and metrics.json.")
-    p.add_argument("--checkpoint", default=None,
-                   help=f"a checkpoint written by train.py (default: ./{YOURS}, what python train.py writes, if "
-                        f"there is one, else the pretrained model that comes with the code, pretrained/{YOURS})")
+    p.add_argument("--checkpoint", default=None, help=DEFAULT_HELP)
     p.add_argument("--data-dir", default="./data",
                    help="torchvision root: <data-dir>/MNIST/raw/ or <data-dir>/FashionMNIST/raw/")
     p.add_argument("--dataset", choices=list(DATASETS), default=None,
@@ -87,21 +84,6 @@ def build_parser():
                       help="instead of evaluating, draw <out-dir>/attention.png: how each block's Mamba-2 mixes the "
                            "7x7 tokens of a few test digits (Vision Mamba 2 checkpoints)")
     return p
-
-
-# ----------------------------------------------------------------------------------------------------
-# Checkpoint and model
-
-def default_checkpoint():
-    """--checkpoint's default and the line that says which it is: yours if python train.py wrote one here, else
-    the pretrained one that comes with the code."""
-    if os.path.exists(YOURS):
-        return YOURS, f"using your {YOURS} (written by python train.py; pass --checkpoint to use another)"
-    if os.path.exists(SHIPPED):
-        return SHIPPED, (f"using the pretrained model that comes with the code, {SHIPPED} (there is no {YOURS} "
-                         f"here: python train.py writes one, which is then used)")
-    raise UsageError(f"no checkpoint: there is no {YOURS} here (train one with `python train.py`) nor a pretrained "
-                     f"model at {SHIPPED}: pass --checkpoint PATH")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from torchvision.datasets import MNIST
 
+import checkpoint as checkpoint_module  # `checkpoint` is test_evaluate's fixture here
 import explain
 import mamba2_torch
 import test_model
@@ -224,7 +225,7 @@ def test_image_with_only_bad_pictures_draws_nothing(checkpoint, tmp_path, capsys
 def test_a_fresh_clone_evaluates_the_pretrained_model(data_dir, tmp_path):
     # a real process in a directory without a vision_mamba2_mnist.pth of the user's: the file in pretrained/
     shipped = REPO / "pretrained" / "vision_mamba2_mnist.pth"
-    assert test_model.SHIPPED == str(shipped)
+    assert checkpoint_module.SHIPPED == str(shipped)
     proc = run_script("test_model.py", "--data-dir", data_dir, "--out-dir", tmp_path / "eval", "--num-samples", "1",
                       "--device", "cpu", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -281,7 +282,7 @@ def test_without_checkpoint_yours_else_the_shipped_one(checkpoint, data_dir, tmp
     work, shipped = tmp_path / "clone", tmp_path / "pretrained" / "vision_mamba2_mnist.pth"
     work.mkdir()
     monkeypatch.chdir(work)
-    monkeypatch.setattr(test_model, "SHIPPED", str(shipped))
+    monkeypatch.setattr(checkpoint_module, "SHIPPED", str(shipped))
     evaluation = ["--data-dir", data_dir, "--out-dir", tmp_path / "eval", "--device", "cpu", "--num-samples", "1"]
     Image.fromarray((255 * (1 - drawn_seven())).astype(np.uint8)).save(tmp_path / "seven.png")
     picture = ["--image", tmp_path / "seven.png", "--out-dir", tmp_path / "eval", "--device", "cpu"]

@@ -58,6 +58,16 @@ class Dataset:
     shape: tuple  # (C, H, W) of one item
     val_fraction: float  # of the training items, held out for validation: MNIST's 5,000, MNIST-1D's 500
 
+    @property
+    def signals(self):
+        """1-D items (MNIST-1D), for the sequential tasks only."""
+        return self.shape[1] == 1
+
+    @property
+    def class_names(self):
+        """Short class names: MNIST's "7 - seven" is 7."""
+        return [name.split(" - ")[0] for name in self.cls.classes]
+
 
 DATASETS = {
     "mnist": Dataset(datasets.MNIST, 0.1307, 0.3081, (1, 28, 28), 1 / 12),

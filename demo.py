@@ -39,7 +39,7 @@ from scipy import ndimage
 import explain
 from checkpoint import DEFAULT_HELP, default_checkpoint, load_checkpoint, model_kind, rebuild_model
 from cli import HelpFormatter, Parser, UsageError, exit_status, int_at_least
-from data import DATASETS, SEQUENCE_DATASETS
+from data import DATASETS
 
 UNSURE = 0.5  # a best guess below this probability is said to be weak: a scribble spreads the probabilities
 SCALE = 10  # screen pixels per pixel of the 28x28 picture the model sees
@@ -86,10 +86,10 @@ class Answer:
 def open_reader(path):
     """The checkpoint at path as a Reader; a UsageError for one whose items are no pictures."""
     ckpt = load_checkpoint(path)
-    if ckpt["dataset"] in SEQUENCE_DATASETS:
+    if DATASETS[ckpt["dataset"]].signals:
         raise UsageError(f"{path} reads {ckpt['dataset']} signals, not pictures: there is nothing to draw for it")
     norm = ckpt["normalization"]
-    classes = [name.split(" - ")[0] for name in DATASETS[ckpt["dataset"]][0].classes]  # MNIST's "7 - seven": 7
+    classes = DATASETS[ckpt["dataset"]].class_names
     return Reader(rebuild_model(ckpt, path, torch.device("cpu")), classes, norm["mean"], norm["std"],
                   model_kind(ckpt), os.path.basename(path))
 

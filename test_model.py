@@ -181,18 +181,13 @@ def tile_titles(idx, preds, confidence, labels, classes):
 # ----------------------------------------------------------------------------------------------------
 # Main
 
-def class_names(dataset):
-    """Short class names: MNIST's "7 - seven" is 7."""
-    return [name.split(" - ")[0] for name in DATASETS[dataset].cls.classes]
-
-
 def classify_pictures(args, ckpt, model, device):
     """--image: each picture prepared as MNIST was made, one line of its three likeliest classes, and one figure;
     a file that is no picture of a digit is one line on stderr and exit status 2, after the others are answered."""
-    if model_kind(ckpt)[0] != "image" or DATASETS[ckpt["dataset"]].shape[1] == 1:
+    if model_kind(ckpt)[0] != "image" or DATASETS[ckpt["dataset"]].signals:
         raise UsageError(f"--image needs an image classifier (train.py --task image); {args.checkpoint} reads "
                          f"{ckpt['dataset']} {model_kind(ckpt)[0]} sequences")
-    norm, classes = ckpt["normalization"], class_names(ckpt["dataset"])
+    norm, classes = ckpt["normalization"], DATASETS[ckpt["dataset"]].class_names
     shown, failed = [], 0
     for path in args.image:
         try:
@@ -351,7 +346,7 @@ def evaluate(args):
                          f"{args.checkpoint} holds a {'/'.join(model_kind(ckpt))} model")
     dataset, test, split = load_test_split(args, ckpt, model, device)
     if args.attention:
-        return draw_attention(args, model, split, class_names(dataset), ckpt["normalization"])
+        return draw_attention(args, model, split, DATASETS[dataset].class_names, ckpt["normalization"])
     try:
         probs, labels = predict(model, split)
     except torch.OutOfMemoryError:
@@ -365,7 +360,7 @@ def evaluate(args):
                              "trained_on": ckpt["dataset"]}, "dataset": dataset, **metrics}
     if task in ("smnist", "psmnist"):
         paths["reading.png"] = os.path.join(args.out_dir, "reading.png")
-        report["reading"] = read_pixel_by_pixel(args, model, test, split, probs, labels, class_names(dataset),
+        report["reading"] = read_pixel_by_pixel(args, model, test, split, probs, labels, DATASETS[dataset].class_names,
                                                 paths["reading.png"])
     paths["metrics.json"] = os.path.join(args.out_dir, "metrics.json")
     atomic_write(paths["metrics.json"], lambda f: f.write(json.dumps(report, indent=2).encode()))

@@ -163,7 +163,7 @@ def check_args(args, given):
     if args.task != "image" and warps:
         raise UsageError(f"--{min(warps).replace('_', '-')} applies only to --task image: a warp would move "
                          f"pixels to other steps of the sequence")
-    if DATASETS[args.dataset].shape[1] == 1 and args.task == "image":
+    if DATASETS[args.dataset].signals and args.task == "image":
         raise UsageError(f"--dataset {args.dataset} holds 1-D sequences, not images: train on it with --task smnist "
                          f"(read in order) or psmnist (in a fixed random order)")
     if args.cuda_graphs and args.compile:
@@ -307,8 +307,8 @@ def load_data(args, env):
         splits = [DeviceSplit(dl, env.device, info.mean, info.std) for dl in loaders]
     except torch.OutOfMemoryError:
         raise TrainingError(f"the dataset does not fit on {env.device}") from None
-    return types.SimpleNamespace(train=splits[0], val=splits[1], test=splits[2], sizes=[len(dl.dataset) for dl in loaders],
-                                 classes=loaders[2].dataset.classes, mean=info.mean, std=info.std)
+    return types.SimpleNamespace(train=splits[0], val=splits[1], test=splits[2], mean=info.mean, std=info.std,
+                                 sizes=[len(dl.dataset) for dl in loaders])
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -553,7 +553,8 @@ def compare_backends(model, batch_size):
 
 def main():
     # usage errors as train.py's: one line and exit status 2
-    parser = Parser(formatter_class=HelpFormatter, description="Check the Vision Mamba 2 architecture: shapes, parameters, backend, a forward and "
+    parser = Parser(formatter_class=HelpFormatter,
+                    description="Check the Vision Mamba 2 architecture: shapes, parameters, backend, a forward and "
                                 "backward pass on CPU (and CUDA).")
     add_config_flags(parser, VisionMamba2Config, every_field=True)
     # at least 1: an empty batch would "pass" the check with nothing checked

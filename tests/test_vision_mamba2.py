@@ -17,7 +17,7 @@ TINY = dict(d_model=16, num_blocks=2, d_state=8, headdim=8, dropout=0.0)
 
 
 def tiny_block(*, grid=4, drop_path=0.0, local_conv=False, **config):
-    """A VisionMambaBlock of width 16 on a grid x grid token grid (patch size 1), without the local conv unless asked."""
+    """A VisionMambaBlock of width 16 on a grid x grid of tokens (patch size 1), without the local conv unless asked."""
     c = VisionMamba2Config(d_model=16, img_size=grid, patch_size=1, d_state=8, headdim=8, local_conv=local_conv,
                            **config)
     return VisionMambaBlock(c, drop_path=drop_path)

@@ -191,7 +191,7 @@ def test_architecture_check_cli():
 
 @pytest.mark.parametrize("args,message", [
     (("--headdim", "24"), "invalid model configuration: d_model*expand = 256 must be divisible by headdim = 24"),
-    (("--scan", "zigzag"), "scan must be one of"),
+    (("--scan", "zigzag"), "argument --scan: invalid choice: 'zigzag'"),
     (("--batch-size", "0"), "argument --batch-size: must be >= 1, got 0"),  # it used to check an empty batch: "OK"
     (("--batch-size", "two"), "argument --batch-size: expected an integer, got 'two'"),
 ])

@@ -66,29 +66,28 @@ class ChunkDiagonal(torch.autograd.Function):
     """The SSD inside each chunk (the diagonal blocks): y[t] = sum_{s <= t} (C[t] . B[s]) L[t, s] xdt[s].
 
     The (t x s) matrices per head are the largest tensors of the layer. Autograd would keep three of them for the
-    backward pass and run a dozen passes over them; this keeps only the inputs, recomputes the matrices in the
-    backward pass (as the official kernels do) and updates them in place: a quarter of the memory traffic.
+    backward pass and run a dozen passes over them; this keeps only the inputs and C B^T (shared by the heads),
+    recomputes the decays in the backward pass (as the official kernels do) and updates them in place.
 
     C, B: (b, g, c, t|s, n)  dA_cs: (b, g, r, c, s), cumsums of dt A inside each chunk  xdt: (b, g, r, c, s, p), fp32.
     Returns y (b, g, r, c, t, p)."""
 
     @staticmethod
     def forward(ctx, C, B, dA_cs, xdt):
-        ctx.save_for_backward(C, B, dA_cs, xdt)
         with torch.autocast(xdt.device.type, enabled=False):  # fp32 matmuls under autocast too
-            scores = decay_matrix(dA_cs).mul_((C @ B.transpose(-1, -2)).tril_()[:, :, None])  # (b, g, r, c, t, s)
-            return scores @ xdt
+            CB = (C @ B.transpose(-1, -2)).tril_()  # (b, g, c, t, s), causal: no head dimension, small
+            ctx.save_for_backward(C, B, CB, dA_cs, xdt)
+            return decay_matrix(dA_cs).mul_(CB[:, :, None]) @ xdt  # (b, g, r, c, t, s) @ (b, g, r, c, s, p)
 
     @staticmethod
     def backward(ctx, dy):
         # dy : (b, g, r, c, t, p)
-        C, B, dA_cs, xdt = ctx.saved_tensors
-        with torch.autocast(xdt.device.type, enabled=False):
-            return ChunkDiagonal.gradients(C, B, dA_cs, xdt, dy.float())
+        with torch.autocast(dy.device.type, enabled=False):
+            return ChunkDiagonal.gradients(*ctx.saved_tensors, dy.float())
 
     @staticmethod
-    def gradients(C, B, dA_cs, xdt, dy):
-        CB = (C @ B.transpose(-1, -2)).tril_()[:, :, None]  # (b, g, 1, c, t, s), causal
+    def gradients(C, B, CB, dA_cs, xdt, dy):
+        CB = CB[:, :, None]  # (b, g, 1, c, t, s)
         L = decay_matrix(dA_cs)
         dxdt = (L * CB).transpose(-1, -2) @ dy
         dscores = (dy @ xdt.transpose(-1, -2)).mul_(L)  # d(CB) summed over the group's heads
@@ -376,9 +375,9 @@ class Mamba2(nn.Module):
         return self.out_proj(y)[:, None], conv_state, ssm_state
 
     def in_proj_parts(self, u):
-        """in_proj(u) as its parts z, xBC, dt, each computed by its own rows of the weight: each comes out contiguous,
-        and the backward pass adds their gradients into u's instead of first concatenating them (a pass over the
-        whole projection)."""
+        """in_proj(u) as its parts z, xBC, dt, each computed by its own rows of the weight: each comes out contiguous
+        (the conv reads xBC without a copy), and the backward pass adds their gradients into u's instead of first
+        concatenating them (a pass over the whole projection)."""
         sizes = [self.d_inner, self.conv_dim, self.nheads]
         biases = [None] * 3 if self.in_proj.bias is None else self.in_proj.bias.split(sizes)
         return [F.linear(u, w, b) for w, b in zip(self.in_proj.weight.split(sizes), biases)]

@@ -35,11 +35,14 @@ from torch.profiler import profile
 from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 
+import checkpoint
+import cli
+import data
+import steps
 import test_model
-import train
 from baselines import CNN, CNNConfig, ViT, ViTConfig
 from mamba2_torch import mamba_chunk_scan_combined, rmsnorm_fn
-from train import keep_freed_memory_in_process
+from steps import keep_freed_memory_in_process
 from vision_mamba2 import (SequentialMamba2, SequentialMamba2Config, count_params, create_vision_mamba2_model,
                            load_official_kernels)
 
@@ -124,7 +127,7 @@ def attempt(measure, device, *, failure=None):
         if failure is None:
             raise
         why = f"{failure} failed ({type(e).__name__})"
-        print(f"{why}: {test_model.shorten(e)}", file=sys.stderr)
+        print(f"{why}: {cli.shorten(e)}", file=sys.stderr)
     if device.type == "cuda":
         torch.cuda.empty_cache()  # only now: the except block's traceback held the failed step's tensors
     return None, why
@@ -156,7 +159,7 @@ def bench_models(args):
     Vision Mamba 2, CNN and ViT step on one batch already on the device, as train.py's loop does (its input
     pipeline costs little next to the model: see the train section); the naive pipeline pays for its per-sample
     DataLoader too, since that is how it runs."""
-    device = train.resolve_device(args.device)
+    device = cli.resolve_device(args.device)
     cuda = device.type == "cuda"
     amp = "bf16 autocast" if cuda else "fp32"  # train.py's default
     # the default 7x7 token grid, and the 14x14 grid of train.py --patch-size 2 (four times the tokens)
@@ -192,12 +195,12 @@ def bench_models(args):
 
         def run():
             raw_model.to(device)
-            model = train.compile_model(raw_model, args.compile_mode) if mode == "compiled" else raw_model
+            model = steps.compile_model(raw_model, args.compile_mode) if mode == "compiled" else raw_model
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
             train_model = model
             if mode == "CUDA graphs":  # captured for the training batch's shape; inference stays eager
                 with autocast():
-                    train_model = train.GraphedTraining(raw_model, x[:batch])
+                    train_model = steps.GraphedTraining(raw_model, x[:batch])
 
             def step(xb, yb):
                 train_model.train()
@@ -241,9 +244,9 @@ def bench_models(args):
         write_json(args, "models", rows)  # row by row: a run cut short keeps what it measured
 
     # the naive pipeline: per-sample ToTensor + Normalize in a DataLoader, batch 32, fp32, one token per step
-    _, mean, std = train.DATASETS["mnist"]
+    _, mean, std = data.DATASETS["mnist"]
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
-    train_set, test_set = train.load_datasets("mnist", args.data_dir, tf)
+    train_set, test_set = data.load_datasets("mnist", args.data_dir, tf)
 
     def through_loaders(model, step, infer, warmup):  # throughput() warms up on the first batch
         with torch.no_grad():  # the same function as our model, step by step
@@ -330,18 +333,18 @@ def bench_ssd(args):
 def bench_train(args):
     """train.py's on-device pipeline vs the per-sample DataLoader of typical MNIST scripts (batch 32,
     ToTensor + Normalize in the loader): the pipeline alone, then whole training steps of the default model."""
-    device = train.resolve_device(args.device)
-    _, mean, std = train.DATASETS["mnist"]
+    device = cli.resolve_device(args.device)
+    _, mean, std = data.DATASETS["mnist"]
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
-    train_set, _ = train.load_datasets("mnist", args.data_dir, tf)
+    train_set, _ = data.load_datasets("mnist", args.data_dir, tf)
     train_set = Subset(train_set, range(min(args.train_samples or len(train_set), len(train_set))))
-    ours = train.DeviceSplit(DataLoader(train_set, batch_size=128), device, mean, std)
+    ours = data.DeviceSplit(DataLoader(train_set, batch_size=128), device, mean, std)
     typical = DataLoader(train_set, batch_size=32, shuffle=True)
     gen = torch.Generator(device=device).manual_seed(0)
 
     def our_batches():
         for x, y in ours.batches(gen):
-            yield train.random_affine(x, gen, translate=2.0, rotate=10.0, scale=0.1, fill=-mean / std), y
+            yield data.random_affine(x, gen, translate=2.0, rotate=10.0, scale=0.1, fill=-mean / std), y
 
     def our_plain_batches():
         return ours.batches(gen)
@@ -381,19 +384,19 @@ def bench_train(args):
 def bench_eval(args):
     """test_model.py's one batched pass over the whole test set vs the one-image-per-forward loop of typical
     MNIST test scripts (the dataset's per-sample ToTensor + Normalize, then model(image[None])), same model."""
-    device = train.resolve_device(args.device)
+    device = cli.resolve_device(args.device)
     if args.checkpoint:
-        ckpt = train.load_checkpoint(args.checkpoint)
-        model = test_model.build_model(ckpt, args.checkpoint, device)
+        ckpt = checkpoint.load_checkpoint(args.checkpoint)
+        model = checkpoint.rebuild_model(ckpt, args.checkpoint, device)
         dataset, norm, what = ckpt["dataset"], ckpt["normalization"], args.checkpoint
     else:
         model = create_vision_mamba2_model().to(device).eval()
         dataset, what = "mnist", "the default model (untrained)"
-        norm = dict(zip(("mean", "std"), train.DATASETS[dataset][1:]))
+        norm = dict(zip(("mean", "std"), data.DATASETS[dataset][1:]))
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((norm["mean"],), (norm["std"],))])
-    _, test = train.load_datasets(dataset, args.data_dir, tf)
+    _, test = data.load_datasets(dataset, args.data_dir, tf)
     timed = Subset(test, range(min(args.eval_images or len(test), len(test))))  # the first images of the test set
-    split = train.DeviceSplit(DataLoader(timed, batch_size=args.eval_batch_size), device, norm["mean"], norm["std"])
+    split = data.DeviceSplit(DataLoader(timed, batch_size=args.eval_batch_size), device, norm["mean"], norm["std"])
     single = min(args.single_images, split.num_samples)
     results = {}
 
@@ -541,7 +544,7 @@ def bench_scaling(args):
 
     from vision_mamba2 import ResidualMamba2Block
 
-    device = train.resolve_device(args.device)
+    device = cli.resolve_device(args.device)
     width, depth = 128, 4
 
     def mamba(backend):
@@ -619,8 +622,8 @@ QUICK = dict(batch_size=32, naive_images=64, repeats=1, scaling_lengths=[49, 196
 
 
 def build_parser():
-    count = train.int_at_least(1)
-    p = train.Parser(prog="bench.py", formatter_class=train.HelpFormatter,
+    count = cli.int_at_least(1)
+    p = cli.Parser(prog="bench.py", formatter_class=cli.HelpFormatter,
                      description="Benchmarks, each printing a markdown table: " + ", ".join(SECTIONS) +
                                  " (see the top of bench.py for what each measures).")
     p.add_argument("sections", nargs="*", metavar="SECTION",
@@ -630,7 +633,7 @@ def build_parser():
                    help="small sizes and one repeat, to see every table in a few minutes on 2 CPU cores: "
                         + ", ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
                                     for k, v in QUICK.items()))
-    p.add_argument("--device", type=train.device_name, default="auto",
+    p.add_argument("--device", type=cli.device_name, default="auto",
                    help="models, scaling, train, eval: auto picks cuda, then mps, then cpu (ssd runs on the CPU)")
     p.add_argument("--data-dir", default="./data",
                    help="models, train, eval: torchvision's root for MNIST (downloaded when absent)")
@@ -645,7 +648,7 @@ def build_parser():
     g.add_argument("--compile", action="store_true",
                    help="also time each model through torch.compile, as train.py --compile runs it (after its "
                         "compilation: a minute or more per model)")
-    g.add_argument("--compile-mode", choices=train.COMPILE_MODES, default="default",
+    g.add_argument("--compile-mode", choices=steps.COMPILE_MODES, default="default",
                    help="torch.compile's mode for --compile (reduce-overhead: CUDA graphs on a GPU)")
     g.add_argument("--cuda-graphs", action="store_true",
                    help="CUDA only: also time each model's training steps replayed from CUDA graphs, as train.py "
@@ -688,7 +691,7 @@ def write_json(args, section, rows):
     """--json: every section's rows so far, written at once (a later failure or timeout keeps what was measured)."""
     args.report["sections"][section] = rows
     if args.json:
-        train.atomic_write(args.json, lambda f: f.write(json.dumps(args.report, indent=2).encode()))
+        checkpoint.atomic_write(args.json, lambda f: f.write(json.dumps(args.report, indent=2).encode()))
 
 
 def run(args):
@@ -698,7 +701,7 @@ def run(args):
             rows = SECTIONS[name](args)
         except Unavailable as e:
             if explicit:
-                raise train.UsageError(f"bench.py {name} cannot run here: {e}") from None
+                raise cli.UsageError(f"bench.py {name} cannot run here: {e}") from None
             print(f"\n{name}: skipped, {e}")
             rows = {"skipped": str(e)}
         write_json(args, name, rows)
@@ -714,17 +717,17 @@ def parse_args(argv):
     unknown = [s for s in args.sections if s not in SECTIONS]
     if unknown:
         parser.error(f"unknown section {unknown[0]!r}: choose from {', '.join(SECTIONS)}")
-    if "compile_mode" in train.given_flags(parser, argv) and not args.compile:
+    if "compile_mode" in cli.given_flags(parser, argv) and not args.compile:
         parser.error("--compile-mode applies only with --compile")
     if args.cuda_graphs:
         try:
-            cuda = train.resolve_device(args.device).type == "cuda"
-        except train.UsageError as e:
+            cuda = cli.resolve_device(args.device).type == "cuda"
+        except cli.UsageError as e:
             parser.error(str(e))
         if not cuda:
             parser.error("--cuda-graphs needs a CUDA GPU (and --device auto or cuda)")
     if args.quick:
-        given = train.given_flags(parser, argv)
+        given = cli.given_flags(parser, argv)
         for key, value in QUICK.items():
             if key not in given:
                 setattr(args, key, value)
@@ -737,7 +740,7 @@ def main(argv=None):
     keep_freed_memory_in_process()
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    sys.exit(train.exit_status(lambda: run(args)))
+    sys.exit(cli.exit_status(lambda: run(args)))
 
 
 if __name__ == "__main__":

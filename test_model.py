@@ -26,12 +26,10 @@ With --image, only your pictures: one line each (the three likeliest classes) an
 only attention.png (explain.py makes both figures).
 """
 
-import dataclasses
 import json
 import math
 import os
 import sys
-import textwrap
 
 import matplotlib
 
@@ -46,9 +44,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import explain
-import train
-from train import UsageError
-from vision_mamba2 import count_params, describe_backend, resolve_backend
+from checkpoint import atomic_write, load_checkpoint, model_kind, rebuild_model
+from cli import HelpFormatter, Parser, UsageError, device_name, exit_status, int_at_least, resolve_device
+from data import DATASETS, SEQUENCE_DATASETS, DeviceSplit, load_datasets
+from steps import keep_freed_memory_in_process
+from vision_mamba2 import count_params, describe_backend
 
 YOURS = "vision_mamba2_mnist.pth"  # what `python train.py` writes in the working directory
 ATTENTION_DIGITS = 4  # test digits in --attention's figure
@@ -58,7 +58,7 @@ SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained",
 
 
 def build_parser():
-    p = train.Parser(prog="test_model.py", formatter_class=train.HelpFormatter,
+    p = Parser(prog="test_model.py", formatter_class=HelpFormatter,
                      description="Evaluate a train.py checkpoint on the whole test set: accuracy, per-class accuracy, "
                                  "classification report, confusion matrix, sample predictions and the most confident "
                                  "mistakes (PNG files), and metrics.json.")
@@ -67,17 +67,17 @@ def build_parser():
                         f"there is one, else the pretrained model that comes with the code, pretrained/{YOURS})")
     p.add_argument("--data-dir", default="./data",
                    help="torchvision root: <data-dir>/MNIST/raw/ or <data-dir>/FashionMNIST/raw/")
-    p.add_argument("--dataset", choices=list(train.DATASETS), default=None,
+    p.add_argument("--dataset", choices=list(DATASETS), default=None,
                    help="test set to evaluate on; the images are normalized as in training whatever it is "
                         "(default: the one the checkpoint was trained on)")
     p.add_argument("--out-dir", default=".", help="where the PNG files and metrics.json go")
-    p.add_argument("--device", type=train.device_name, default="auto", help="auto picks cuda, then mps, then cpu")
-    p.add_argument("--batch-size", type=train.int_at_least(1), default=64,
+    p.add_argument("--device", type=device_name, default="auto", help="auto picks cuda, then mps, then cpu")
+    p.add_argument("--batch-size", type=int_at_least(1), default=64,
                    help="test images per forward pass; on a CPU larger batches only fall out of the cache "
                         "(bench.py eval)")
-    p.add_argument("--num-samples", type=train.int_at_least(1), default=25,
+    p.add_argument("--num-samples", type=int_at_least(1), default=25,
                    help="images in each grid: random test images, and the most confident mistakes")
-    p.add_argument("--seed", type=train.int_at_least(0), default=0, help="picks the random test images shown")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="picks the random test images shown")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--image", nargs="+", metavar="PATH",
                       help="classify your own pictures of digits instead (any size, colour or gray, a photo): the "
@@ -87,10 +87,6 @@ def build_parser():
                       help="instead of evaluating, draw <out-dir>/attention.png: how each block's Mamba-2 mixes the "
                            "7x7 tokens of a few test digits (Vision Mamba 2 checkpoints)")
     return p
-
-
-def shorten(e):
-    return textwrap.shorten(str(e), 300) or type(e).__name__
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -106,32 +102,6 @@ def default_checkpoint():
                          f"here: python train.py writes one, which is then used)")
     raise UsageError(f"no checkpoint: there is no {YOURS} here (train one with `python train.py`) nor a pretrained "
                      f"model at {SHIPPED}: pass --checkpoint PATH")
-
-
-def model_kind(ckpt):
-    return ckpt["args"]["task"], ckpt["args"]["arch"]
-
-
-def build_model(ckpt, path, device):
-    """Exactly the trained model, from the checkpoint alone: its task and arch pick the class (train.MODELS), its
-    config the shapes; psMNIST's pixel order is in its config and its weights."""
-    kind = model_kind(ckpt)
-    if kind not in train.MODELS:
-        known = ", ".join(f"{t}/{a}" for t, a in train.MODELS)
-        raise UsageError(f"{path} holds a model for task/arch {'/'.join(map(str, kind))}, which this version of "
-                         f"test_model.py does not know (it knows {known})")
-    config_cls, model_cls = train.MODELS[kind]
-    try:
-        config = config_cls.from_dict(ckpt["config"])
-        # the backend is how the model runs, not what it computes: weights trained with the official kernels
-        # evaluate anywhere
-        if getattr(config, "backend", None) == "official" and resolve_backend("auto", device) != "official":
-            config = dataclasses.replace(config, backend="auto")
-        model = model_cls(config)
-        model.load_state_dict(ckpt["model"])
-    except (ValueError, TypeError, RuntimeError) as e:
-        raise UsageError(f"{path} holds a model this version of the code cannot rebuild ({shorten(e)})") from None
-    return model.to(device).eval()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -172,7 +142,7 @@ def top_confusions(cm, k=5):
 # Plots
 
 def save_figure(fig, path):
-    train.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
 
 
@@ -232,7 +202,7 @@ def tile_titles(idx, preds, confidence, labels, classes):
 def classify_pictures(args, ckpt, model, device):
     """--image: each picture prepared as MNIST was made, one line of its three likeliest classes, and one figure;
     a file that is no picture of a digit is one line on stderr and exit status 2, after the others are answered."""
-    if model_kind(ckpt)[0] != "image" or ckpt["dataset"] in train.SEQUENCE_DATASETS:
+    if model_kind(ckpt)[0] != "image" or ckpt["dataset"] in SEQUENCE_DATASETS:
         raise UsageError(f"--image needs an image classifier (train.py --task image); {args.checkpoint} reads "
                          f"{ckpt['dataset']} {model_kind(ckpt)[0]} sequences")
     norm, classes = ckpt["normalization"], class_names(ckpt["dataset"])
@@ -286,7 +256,7 @@ def read_pixel_by_pixel(args, model, test, split, probs, labels, classes, path):
     L = model.config.seq_len
     steps = [round(f * L) for f in READ_FRACTIONS]
     # stepping keeps a few states per image, not a whole sequence of activations: larger batches fit
-    stepping = train.DeviceSplit(DataLoader(test, batch_size=16 * args.batch_size), split.device, split.mean,
+    stepping = DeviceSplit(DataLoader(test, batch_size=16 * args.batch_size), split.device, split.mean,
                                  split.std)
     accuracy, last = explain.accuracy_while_reading(model, stepping, steps)
     parallel, gap = float((probs.argmax(axis=1) == labels).mean()), float(np.abs(last - probs).max())
@@ -296,7 +266,7 @@ def read_pixel_by_pixel(args, model, test, split, probs, labels, classes, path):
     print(f"  the parallel forward: accuracy {parallel:.2%}; probabilities after the last step within {gap:.1e}")
 
     idx = of_distinct_classes(labels, args.seed, READING_DIGITS)
-    x, _ = next(train.DeviceSplit(DataLoader(torch.utils.data.Subset(test, idx), batch_size=len(idx)),
+    x, _ = next(DeviceSplit(DataLoader(torch.utils.data.Subset(test, idx), batch_size=len(idx)),
                                   split.device, split.mean, split.std).batches())
     curves = explain.probabilities_while_reading(model, x)
     titles = [f"test image {i}: a {classes[labels[i]]}, read as {classes[p[-1].argmax()]} ({p[-1].max():.1%})"
@@ -310,16 +280,16 @@ def read_pixel_by_pixel(args, model, test, split, probs, labels, classes, path):
 
 def class_names(dataset):
     """Short class names: MNIST's "7 - seven" is 7."""
-    return [name.split(" - ")[0] for name in train.DATASETS[dataset][0].classes]
+    return [name.split(" - ")[0] for name in DATASETS[dataset][0].classes]
 
 
 def evaluate(args):
     if args.checkpoint is None:
         args.checkpoint, which = default_checkpoint()
         print(which)
-    ckpt = train.load_checkpoint(args.checkpoint)
-    device = train.resolve_device(args.device)
-    model = build_model(ckpt, args.checkpoint, device)
+    ckpt = load_checkpoint(args.checkpoint)
+    device = resolve_device(args.device)
+    model = rebuild_model(ckpt, args.checkpoint, device)
     if args.image:
         return classify_pictures(args, ckpt, model, device)
     if args.attention and model_kind(ckpt) != ("image", "mamba2"):
@@ -327,14 +297,14 @@ def evaluate(args):
                          f"{args.checkpoint} holds a {'/'.join(model_kind(ckpt))} model")
     trained_on = ckpt["dataset"]
     dataset = args.dataset or trained_on
-    if dataset not in train.DATASETS:
+    if dataset not in DATASETS:
         raise UsageError(f"{args.checkpoint} was trained on {dataset!r}, a dataset this code does not know: "
-                         f"pass --dataset ({', '.join(train.DATASETS)})")
+                         f"pass --dataset ({', '.join(DATASETS)})")
 
     # the test set as one tensor on the device, normalized as the model saw its training data
-    _, test = train.load_datasets(dataset, args.data_dir, transform=None)
+    _, test = load_datasets(dataset, args.data_dir, transform=None)
     norm = ckpt["normalization"]
-    split = train.DeviceSplit(DataLoader(test, batch_size=args.batch_size), device, norm["mean"], norm["std"])
+    split = DeviceSplit(DataLoader(test, batch_size=args.batch_size), device, norm["mean"], norm["std"])
     classes = test.classes
 
     task, arch = model_kind(ckpt)
@@ -401,18 +371,18 @@ def evaluate(args):
         paths["reading.png"] = os.path.join(args.out_dir, "reading.png")
         report["reading"] = read_pixel_by_pixel(args, model, test, split, probs, labels, class_names(dataset),
                                                 paths["reading.png"])
-    train.atomic_write(paths["metrics.json"], lambda f: f.write(json.dumps(report, indent=2).encode()))
+    atomic_write(paths["metrics.json"], lambda f: f.write(json.dumps(report, indent=2).encode()))
     print(f"wrote {', '.join(paths.values())}")
     return 0
 
 
 def main(argv=None):
     # glibc hands large freed blocks back to the OS, so each batch page-faults its activations in again:
-    # without this, the default model's batches of 64 ran 1.4x slower on a CPU, of 256 3x (see train.py)
-    train.keep_freed_memory_in_process()
+    # without this, the default model's batches of 64 ran 1.4x slower on a CPU, of 256 3x (steps.py)
+    keep_freed_memory_in_process()
     args = build_parser().parse_args(argv)
 
-    sys.exit(train.exit_status(lambda: evaluate(args)))
+    sys.exit(exit_status(lambda: evaluate(args)))
 
 
 if __name__ == "__main__":

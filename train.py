@@ -23,23 +23,17 @@ training_history.png next to it, and TensorBoard logs in <--log-dir>/<run-name>/
 
 import argparse
 import contextlib
-import copy
-import ctypes
 import dataclasses
 import datetime
-import functools
 import itertools
+import json
 import math
 import os
-import pickle
 import random
 import signal
 import sys
-import textwrap
 import time
-import traceback
 import types
-import warnings
 
 import matplotlib
 
@@ -49,78 +43,25 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from matplotlib.ticker import MaxNLocator
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.optim.swa_utils import get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torch.utils.tensorboard import SummaryWriter
-from torchvision import datasets, transforms
+from torchvision import transforms
 from tqdm import tqdm
 
-from baselines import CNN, CNNConfig, ViT, ViTConfig
-from vision_mamba2 import (BACKENDS, READOUTS, SCANS, SequentialMamba2, SequentialMamba2Config, VisionMamba2,
-                           VisionMamba2Config, count_params, describe_backend)
-
-
-class UsageError(Exception):
-    """A flag, checkpoint or dataset we cannot use: exit status 2."""
-
-
-class TrainingError(Exception):
-    """The run cannot go on (NaN loss, out of memory): exit status 1."""
+from baselines import CNNConfig, ViTConfig
+from checkpoint import CHECKPOINT_FORMAT, MODELS, atomic_write, load_checkpoint, save_checkpoint
+from cli import (HelpFormatter, Parser, TrainingError, UsageError, device_name, exit_status, float_in, given_flags,
+                 int_at_least, resolve_device)
+from data import DATASETS, SEQUENCE_DATASETS, DeviceSplit, load_datasets, random_affine
+from steps import COMPILE_MODES, GraphedTraining, WeightAverage, compile_model, keep_freed_memory_in_process, training_step
+from vision_mamba2 import BACKENDS, READOUTS, SCANS, SequentialMamba2Config, VisionMamba2Config, count_params, \
+    describe_backend
 
 
 # ----------------------------------------------------------------------------------------------------
 # Command line
-
-def int_at_least(lo):
-    def parse(s):
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
-        return v
-    return parse
-
-
-def float_in(lo, hi=math.inf, *, lo_open=False, hi_open=False):
-    def parse(s):
-        try:
-            v = float(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-        too_low = v <= lo if lo_open else v < lo
-        too_high = v >= hi if hi_open else v > hi
-        if not math.isfinite(v) or too_low or too_high:
-            raise argparse.ArgumentTypeError(
-                f"must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}, got {s}")
-        return v
-    return parse
-
-
-def device_name(s):
-    if s == "auto":
-        return s
-    try:
-        torch.device(s)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"not a torch device: {s!r} (try auto, cpu, cuda, cuda:1, mps)") from None
-    return s
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # a help that states its own default keeps its wording
-        return action.help if "(default:" in action.help else super()._get_help_string(action)
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        # argparse would print the whole usage block first; one line is easier to read (and to grep)
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
 
 # The sequential tasks' own defaults, taken when the flag is not on the command line. No augmentation: a warp would
 # move pixels to other steps of the sequence. No weight average: measured on the image task only.
@@ -139,13 +80,6 @@ TASK_FLAGS = {"scan": ("image",), "patch_size": ("image",), "local_conv": ("imag
               "aug_translate": ("image",), "aug_rotate": ("image",), "aug_scale": ("image",),
               "readout": ("smnist", "psmnist"), "permutation_seed": ("psmnist",)}
 
-# (--task, --arch) -> (config class, model class); test_model.py rebuilds checkpoints through the same table.
-# The baselines (baselines.py) are image classifiers of about the Mamba model's size, trained by the same recipe
-MODELS = {("image", "mamba2"): (VisionMamba2Config, VisionMamba2),
-          ("image", "cnn"): (CNNConfig, CNN),
-          ("image", "vit"): (ViTConfig, ViT),
-          ("smnist", "mamba2"): (SequentialMamba2Config, SequentialMamba2),
-          ("psmnist", "mamba2"): (SequentialMamba2Config, SequentialMamba2)}
 ARCH_DEFAULTS = {"mamba2": {}, "cnn": {},
                  "vit": {"d_model": ViTConfig.d_model, "num_blocks": ViTConfig.num_blocks}}
 # flags that mean something only for some architectures
@@ -311,15 +245,6 @@ def build_parser():
     return p
 
 
-def given_flags(parser, argv):
-    """The flags on the command line, as dests (argparse fills in defaults only for attributes not yet set)."""
-    unset = object()
-    namespace = argparse.Namespace(**dict.fromkeys(vars(parser.parse_args([])), unset))
-    return {key for key, value in vars(parser.parse_args(argv, namespace)).items() if value is not unset}
-
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
-
 # what a resumed run may change; the other flags must agree with the checkpoint
 RESUME_MAY_CHANGE = {"epochs", "patience", "device", "amp", "compile", "compile_mode", "cuda_graphs", "data_dir",
                      "data_on_device", "num_workers", "out", "log_dir", "run_name", "resume", "log_interval"}
@@ -338,59 +263,6 @@ def merge_resume_args(args, saved, given):
 
 # ----------------------------------------------------------------------------------------------------
 # Data
-
-@functools.cache
-def mnist1d_arrays():
-    try:
-        from mnist1d.data import get_dataset_args, make_dataset
-    except ImportError:
-        raise UsageError("--dataset mnist1d needs the mnist1d package: pip install mnist1d") from None
-    return make_dataset(get_dataset_args())  # its get_dataset would try a download first
-
-
-class MNIST1D(torch.utils.data.Dataset):
-    """Greydanus' MNIST-1D: 10 classes of 1-D signals of 40 steps, 4,000 train / 1,000 test, generated offline by
-    the mnist1d package with its default arguments (seed 42: the same set everywhere) and already standardized.
-    Items are (1, 1, 40) "images" of one row, so the sequential models read them one value per step. The
-    torchvision signature, so that it plugs in beside MNIST."""
-
-    classes = [str(d) for d in range(10)]
-
-    def __init__(self, root=None, train=True, transform=None, download=False):
-        d = mnist1d_arrays()
-        x, y = (d["x"], d["y"]) if train else (d["x_test"], d["y_test"])
-        self.data = torch.tensor(x, dtype=torch.float32)[:, None, :]  # (N, 1, 40)
-        self.targets = torch.as_tensor(y)
-
-    def __len__(self):
-        return len(self.targets)
-
-    def __getitem__(self, i):
-        return self.data[i][None], int(self.targets[i])  # (1, 1, 40), label
-
-
-# name -> (dataset class with torchvision's signature, mean, std of its training values (pixels in [0, 1]))
-DATASETS = {
-    "mnist": (datasets.MNIST, 0.1307, 0.3081),
-    "fashion-mnist": (datasets.FashionMNIST, 0.2860, 0.3530),
-    "mnist1d": (MNIST1D, 0.0, 1.0),
-}
-SEQUENCE_DATASETS = {"mnist1d"}  # 1-D: for the sequential tasks only
-
-
-def load_datasets(name, data_dir, transform):
-    cls = DATASETS[name][0]
-    try:
-        return (cls(data_dir, train=True, transform=transform, download=True),
-                cls(data_dir, train=False, transform=transform, download=True))
-    except (RuntimeError, OSError) as e:  # torchvision's "Error downloading ..." when offline
-        raw = os.path.join(data_dir, cls.__name__, "raw")
-        files = ", ".join(f for f, _ in cls.resources)
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise UsageError(f"{name} is not in {data_dir!r} and downloading it failed ({reason}): put {files} "
-                         f"(or the same files unpacked) in {raw}{os.sep} (torchvision's layout), or run once "
-                         f"with internet access") from None
-
 
 def get_mnist_dataloaders(*, dataset="mnist", data_dir="./data", batch_size=128, val_size=5000,
                           max_train_samples=None, seed=0, num_workers=0, rank=0, world_size=1):
@@ -428,48 +300,6 @@ def get_mnist_dataloaders(*, dataset="mnist", data_dir="./data", batch_size=128,
             loader(test, 2 * batch_size, sampler=part(len(test))))
 
 
-class DeviceSplit:
-    """A loader's images as one uint8 tensor on the device; batches are slices of it, normalized on the fly.
-    Under torchrun a rank visits the images its loader's sampler would give it (see get_mnist_dataloaders)."""
-
-    def __init__(self, loader, device, mean, std):
-        ds, sampler = loader.dataset, loader.sampler
-        if isinstance(ds, Subset):
-            idx = torch.as_tensor(ds.indices)
-            images, labels = ds.dataset.data[idx], torch.as_tensor(ds.dataset.targets)[idx]
-        else:
-            images, labels = ds.data, ds.targets
-        if isinstance(sampler, range):  # this rank's slice of an evaluation split
-            images, labels = images[sampler.start:sampler.stop], labels[sampler.start:sampler.stop]
-        self.device = device
-        self.images = images.unsqueeze(1).to(device)  # (N, 1, H, W) uint8 (47 MB for all of MNIST), or float
-        self.labels = torch.as_tensor(labels).to(device)  # (N,)
-        self.batch_size, self.mean, self.std = loader.batch_size, mean, std
-        # training under torchrun: every rank draws the same permutation and takes every world_size-th image
-        # from its rank on, as DistributedSampler deals them
-        distributed = isinstance(sampler, DistributedSampler)
-        self.rank, self.world_size = (sampler.rank, sampler.num_replicas) if distributed else (0, 1)
-        self.num_samples = len(sampler)  # the images this process visits
-        self.num_batches = math.ceil(self.num_samples / self.batch_size)
-
-    def batches(self, generator=None, start=0):
-        """Iterator over (x, y) from batch `start` on, shuffled by `generator` (drawn now) if given."""
-        order = None
-        if generator is not None:
-            order = torch.randperm(len(self.labels), generator=generator, device=self.device)
-            order = order[self.rank:self.num_samples * self.world_size:self.world_size]  # this rank's share
-        return self._iterate(order, start)
-
-    def _iterate(self, order, start):
-        for i in range(start * self.batch_size, self.num_samples, self.batch_size):
-            idx = slice(i, i + self.batch_size) if order is None else order[i:i + self.batch_size]
-            x = self.images[idx].to(torch.float32, copy=True)  # a copy (a slice would be a view): edited in place
-            if self.images.dtype == torch.uint8:
-                x.div_(255)  # as ToTensor
-            x.sub_(self.mean).div_(self.std)  # as Normalize
-            yield x, self.labels[idx]
-
-
 class LoaderSplit:
     """The same interface over a DataLoader, for data that stays on the host."""
 
@@ -492,36 +322,8 @@ def augments(args):
     return args.aug_translate > 0 or args.aug_rotate > 0 or args.aug_scale > 0
 
 
-def random_affine(x, generator, *, translate, rotate, scale, fill):
-    """Randomly shift (pixels), rotate (degrees) and zoom (fraction) each image of a batch, on its device."""
-    # x : (B, C, H, W) normalized; fill: the normalized value of a black pixel
-    B, _, H, W = x.shape
-    u = torch.rand(B, 4, generator=generator, device=x.device) * 2 - 1  # (B, 4) uniform in [-1, 1)
-    angle = u[:, 0] * math.radians(rotate)
-    zoom = 1 + u[:, 1] * scale
-    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-    tx, ty = u[:, 2] * (2 * translate / W), u[:, 3] * (2 * translate / H)  # pixels -> grid units ([-1, 1] spans W)
-    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)  # (B, 2, 3)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    # grid_sample pads with zeros: shift so the padding is black, not the mean grey
-    return F.grid_sample(x - fill, grid, align_corners=False) + fill
-
-
 # ----------------------------------------------------------------------------------------------------
 # Model, optimizer, schedule
-
-def resolve_device(name):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no CUDA GPU is available (use --device auto or cpu)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {name}: MPS is not available (use --device auto or cpu)")
-    return device
-
 
 def build_optimizer(model, args, device):
     # as Mamba and most vision transformers: no decay on biases, norms, embeddings or the SSM's A_log/D/dt_bias
@@ -545,59 +347,6 @@ def warmup_cosine(warmup_steps, total_steps):
 
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints: written atomically, read with weights_only=True (so only tensors and plain Python inside)
-
-def atomic_write(path, write):
-    """write(file) into path.tmp, then os.replace: path is always the old file or the new one, never half."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def save_checkpoint(checkpoint, path):
-    atomic_write(path, lambda f: torch.save(checkpoint, f))
-
-
-# every checkpoint has these; "format" changes whenever what a checkpoint holds changes meaning
-CHECKPOINT_KEYS = ("format", "model", "config", "args", "dataset", "normalization")
-CHECKPOINT_FORMAT = 1
-
-
-def load_checkpoint(path, flag="--checkpoint"):
-    """A checkpoint of train.py as a dict (read with weights_only=True: tensors and plain values, never code to run);
-    a UsageError saying why if the file is not one, or of another format."""
-    if not os.path.isfile(path):
-        raise UsageError(f"{flag} {path}: no such file")
-    try:
-        with warnings.catch_warnings():  # the weights-only unpickler warns about old pickle protocols
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # zip or pickle errors: truncated, corrupt, not a checkpoint, or refused
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        code = next((line for line in lines if "GLOBAL" in line), None)  # a reference to a function or class
-        if isinstance(e, pickle.UnpicklingError) and code:
-            raise UsageError(f"{path} was refused by weights_only loading ({code}): it is not a train.py "
-                             f"checkpoint, and this code never runs code from a checkpoint") from None
-        reason = next((line for line in lines if "nsupported" in line), lines[0] if lines else "")
-        detail = f"{type(e).__name__}: {textwrap.shorten(reason, 150)}" if reason else type(e).__name__
-        raise UsageError(f"{path} is not a readable PyTorch checkpoint, or it is truncated ({detail})") from None
-    if not isinstance(ckpt, dict) or not set(CHECKPOINT_KEYS) - {"format"} <= ckpt.keys():
-        found = f"the keys {sorted(map(str, ckpt))[:8]}" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
-        raise UsageError(f"{path} is not a checkpoint of train.py (from another program?): expected the keys "
-                         f"{list(CHECKPOINT_KEYS)}, found {found}")
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"{path} is a checkpoint of format {ckpt.get('format', 'none')}, written by another version "
-                         f"of this code; this one reads format {CHECKPOINT_FORMAT}: train it again")
-    return ckpt
-
 
 def get_rng_state():
     _, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -727,16 +476,8 @@ def train_one_epoch(model, split, *, optimizer, scheduler, scaler, criterion, au
         if augment:
             x = random_affine(x, generator, translate=args.aug_translate, rotate=args.aug_rotate,
                               scale=args.aug_scale, fill=-mean / std)
-        with autocast():
-            logits = model(x)  # (B, 10)
-        loss = criterion(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if args.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        logits, loss = training_step(model, x, y, optimizer=optimizer, criterion=criterion, scaler=scaler,
+                                     autocast=autocast, grad_clip=args.grad_clip)
         scheduler.step()
         if update_ema:
             update_ema()
@@ -1147,17 +888,37 @@ def final_test(run, writer):
         writer.add_hparams({**hparams, "parameters": count_params(run.raw_model)},
                            {"test/accuracy": test_acc, "test/loss": test_loss, "val/best_accuracy": run.best_val_acc},
                            run_name=".", global_step=len(run.history["val_acc"]))  # ".": this run, beside its curves
+        write_results(run, test_loss, test_acc)
     weights = "averaged weights" if run.ema else "weights"
     print0(f"test: loss {test_loss:.4f} acc {test_acc:.2%} with the {weights} of epoch {run.best_epoch} (validation "
-           f"acc {run.best_val_acc:.2%}) -> {best_path}, {last_path}, {plot_path}")
+           f"acc {run.best_val_acc:.2%}) -> {best_path}, {last_path}, {plot_path}, {results_path(run.args)}")
+
+
+def results_path(args):
+    return os.path.splitext(args.out)[0] + ".json"
+
+
+def write_results(run, test_loss, test_acc):
+    """The run's numbers as JSON next to the checkpoint (vision_mamba2_mnist.json), for scripts such as .ci/gpu.py.
+    train_wall_s: this process's time from start to the end of the test (a resumed run's counts from its resume)."""
+    args, env = run.args, run.env
+    results = {"test_acc": test_acc, "test_loss": test_loss, "best_epoch": run.best_epoch,
+               "best_val_acc": run.best_val_acc, "epochs_done": len(run.history["val_acc"]),
+               "train_wall_s": time.perf_counter() - run.started, "images_per_sec": run.history["images_per_sec"],
+               "backend": describe_backend(args.backend, env.device) if args.arch == "mamba2" else None,
+               "device": str(env.device), "amp": str(run.amp_dtype).removeprefix("torch.") if run.use_amp else None,
+               "args": dict(vars(args))}
+    atomic_write(results_path(args), lambda f: f.write(json.dumps(results, indent=2).encode()))
 
 
 def train(args, given):
     """The whole run; returns the exit status (0, or 130 after Ctrl-C). `given`: the flags on the command line."""
+    started = time.perf_counter()
     resume = settle_args(args, given)
     env = start_processes(args)
     data = load_data(args, env)
     run = Run(args, env, data, build_model(args, data, env.device), resume)
+    run.started = started
     describe_run(args, env, data, run, resume)
     writer = SummaryWriter(os.path.join(args.log_dir, args.run_name),
                            purge_step=run.start_epoch + 1 if resume else None) if env.master else None
@@ -1166,84 +927,6 @@ def train(args, given):
         if status == 0:
             final_test(run, writer)
     return status
-
-
-class WeightAverage:
-    """An exponential moving average of a model's weights, kept in a copy of it (.module): the first update() copies
-    the weights, each later one moves the average by (1 - decay) towards them, in one foreach lerp (torch's
-    get_ema_multi_avg_fn). Floating-point buffers (BatchNorm's running statistics) are averaged too; integer ones
-    (scan orders, BatchNorm's step count) are copied, which float arithmetic would round. torch's AveragedModel
-    does the same, but copies its step counter (a CPU tensor) to the GPU at every update, a copy that waits for the
-    device; here the count is a Python int, so training never stops to wait (bit for bit the same average)."""
-
-    def __init__(self, model, decay):
-        self.module = copy.deepcopy(model).requires_grad_(False)
-        self.decay, self.lerp, self.updates = decay, get_ema_multi_avg_fn(decay), 0
-        # (average, weight) tensor pairs, paired once: training and loading a checkpoint change them in place
-        self.pairs = list(zip(itertools.chain(self.module.parameters(), self.module.buffers()),
-                              itertools.chain(model.parameters(), model.buffers()), strict=True))
-        floats = [(a, c) for a, c in self.pairs if a.is_floating_point()]
-        self.floats = [a for a, _ in floats], [c for _, c in floats]
-        self.integers = [(a, c) for a, c in self.pairs if not a.is_floating_point()]
-
-    @torch.no_grad()
-    def update(self):
-        """Average in the model's current weights."""
-        if self.updates:
-            self.lerp(*self.floats, None)
-        for a, c in self.integers if self.updates else self.pairs:  # the first update copies everything
-            a.copy_(c)
-        self.updates += 1
-
-
-def compile_model(model, mode="default"):
-    """torch.compile(model), with PyTorch's fused Transformer inference shortcut turned off for the process: under
-    compile its fake kernel mispredicts the output strides and the compiled ViT fails in eval mode without
-    autocast (pytorch/pytorch#196251); the compiler fuses the attention itself."""
-    torch.backends.mha.set_fastpath_enabled(False)
-    return torch.compile(model, mode=mode)
-
-
-class GraphedTraining(nn.Module):
-    """The model's training forward and backward pass, captured once as CUDA graphs and replayed every step
-    (torch.cuda.make_graphed_callables): on a GPU this model's steps are bound by launching hundreds of small
-    kernels one by one from Python, and a replay launches each pass at once. Batches of another size (an epoch's
-    last) run the model eagerly, and so does evaluation (make_graphed_callables keeps the eager forward for the
-    mode it did not capture). The weights' .grad may then share the graph's gradient buffers: train with
-    zero_grad(set_to_none=True) before each backward, as train.py does, never by accumulating gradients."""
-
-    def __init__(self, model, sample):
-        super().__init__()
-        # sample : (B, C, H, W), the training batch shape the graphs are captured for
-        self.model, self.eager, self.shape = model, model.forward, sample.shape
-        # the three warm-up passes before the capture move BatchNorm's running statistics and draw dropout masks:
-        # undone, so that the run (and a resumed one) goes on as if they had not happened
-        buffers = [b.clone() for b in model.buffers()]
-        rng = torch.cuda.get_rng_state(sample.device)
-        model.train()
-        with torch.cuda.device(sample.device):  # its side stream and capture live on the current device
-            torch.cuda.make_graphed_callables(model, (sample,))  # replaces model.forward in training mode
-        torch.cuda.set_rng_state(rng, sample.device)
-        with torch.no_grad():
-            for b, saved in zip(model.buffers(), buffers):
-                b.copy_(saved)
-
-    def forward(self, x):
-        return self.model(x) if x.shape == self.shape else self.eager(x)
-
-
-def keep_freed_memory_in_process():
-    """glibc returns every freed block over 32 MB to the OS, so each large activation of the next step is
-    page-faulted in again (measured: 4.4 million faults, over half the time of a CPU step at batch 128).
-    Raising the mmap and trim thresholds keeps freed memory for reuse: 2x faster CPU training."""
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-        except OSError:  # not glibc (e.g. musl): nothing to tune
-            return
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        for option in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD):
-            libc.mallopt(option, 2**31 - 1)
 
 
 def main(argv=None):
@@ -1260,23 +943,6 @@ def main(argv=None):
         return status
     sys.exit(exit_status(run, f" (rank {rank})" if rank else ""))
 
-
-def exit_status(run, who=""):
-    """run()'s exit status, every error turned into one line on stderr: no traceback, nothing lost."""
-    def fail(message, status):
-        print(f"error{who}: {' '.join(str(message).split())}", file=sys.stderr)  # one line, however long
-        return status
-    try:
-        return run()
-    except UsageError as e:
-        return fail(e, 2)
-    except TrainingError as e:
-        return fail(e, 1)
-    except KeyboardInterrupt:  # a second Ctrl-C, or one before training began: checkpoints are whole anyway
-        return fail("interrupted", 130)
-    except Exception as e:  # a bug: still one line, with where it happened
-        frame = traceback.extract_tb(e.__traceback__)[-1]
-        return fail(f"{type(e).__name__} at {os.path.basename(frame.filename)}:{frame.lineno}: {e}", 1)
 
 if __name__ == "__main__":
     main()

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-import test_model
+import checkpoint
 import train
 from baselines import CNN, CNNConfig, ViT, ViTConfig
 from helpers import load, run_script as run
@@ -93,7 +93,7 @@ def test_baseline_trains_resumes_and_evaluates(arch, flags, model_cls, data_dir,
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and f"--arch mamba2 contradicts the checkpoint's {arch}" in err, err
 
-    rebuilt = test_model.build_model(load(out), str(out), torch.device("cpu"))
+    rebuilt = checkpoint.rebuild_model(load(out), str(out), torch.device("cpu"))
     assert type(rebuilt) is model_cls
     proc = run("test_model.py", "--checkpoint", out, "--data-dir", data_dir, "--out-dir", tmp_path / "eval",
                "--num-samples", "4", "--device", "cpu")
@@ -105,7 +105,7 @@ def test_baseline_trains_resumes_and_evaluates(arch, flags, model_cls, data_dir,
 
 def test_compiled_vit_trains_and_validates(data_dir, tmp_path):
     # eval mode without autocast takes PyTorch's fused Transformer kernel, which fails under torch.compile
-    # (pytorch/pytorch#196251) unless train.compile_model turns that shortcut off
+    # (pytorch/pytorch#196251) unless steps.compile_model turns that shortcut off
     # (reduce-overhead: CUDA graphs on a GPU; on a CPU it compiles as the default mode)
     proc = run("train.py", "--arch", "vit", "--d-model", "16", "--num-blocks", "1", "--heads", "2", "--compile",
                "--compile-mode", "reduce-overhead", "--epochs", "1", "--batch-size", "64", "--val-size", "50",

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import train
+import steps
 from baselines import CNN, CNNConfig
 from helpers import PROC_ENV, REPO
 from vision_mamba2 import create_vision_mamba2_model, load_official_kernels
@@ -69,10 +69,10 @@ def test_official_kernels_match_the_portable_twin(exact_fp32):
 
 
 def train_steps(model, batches, graphed):
-    """Losses of AdamW steps over `batches`; through train.GraphedTraining if `graphed` (captured for the first
+    """Losses of AdamW steps over `batches`; through steps.GraphedTraining if `graphed` (captured for the first
     batch's shape: the others run eagerly)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    step_model = train.GraphedTraining(model, torch.zeros_like(batches[0][0])) if graphed else model
+    step_model = steps.GraphedTraining(model, torch.zeros_like(batches[0][0])) if graphed else model
     step_model.train()
     losses = []
     for x, y in batches:

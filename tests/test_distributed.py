@@ -18,6 +18,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+import checkpoint
+import data
 import test_model
 import train
 from helpers import PROC_ENV, REPO, load
@@ -78,7 +80,7 @@ def test_two_processes_equal_one_evaluating_their_checkpoint(ddp_run, data_dir, 
                                           val_size=saved["val_size"], seed=saved["seed"])
     criterion = nn.CrossEntropyLoss(label_smoothing=saved["label_smoothing"])
     for loader, key in [(loaders[1], "val"), (loaders[2], "test")]:
-        split = train.DeviceSplit(loader, torch.device("cpu"), **best["normalization"])
+        split = data.DeviceSplit(loader, torch.device("cpu"), **best["normalization"])
         loss, acc = train.evaluate(model, split, criterion, key)
         assert acc == best["metrics"][f"{key}_acc"], key
         assert loss == pytest.approx(best["metrics"][f"{key}_loss"], rel=1e-5), key
@@ -143,7 +145,7 @@ def test_each_rank_gets_its_own_part_of_every_split(data_dir, on_device):
         loaders = train.get_mnist_dataloaders(data_dir=data_dir, batch_size=8, val_size=50, max_train_samples=249,
                                               **shard)
         cpu = torch.device("cpu")
-        return [train.DeviceSplit(dl, cpu, 0.1307, 0.3081) if on_device else train.LoaderSplit(dl, cpu)
+        return [data.DeviceSplit(dl, cpu, 0.1307, 0.3081) if on_device else train.LoaderSplit(dl, cpu)
                 for dl in loaders]
 
     def images(split, epoch=None):  # each image's bytes, in the order the split gives them
@@ -186,11 +188,11 @@ def test_cnn_validates_with_rank_0s_batchnorm_statistics(ema, data_dir, tmp_path
     proc = subprocess.run(cmd, capture_output=True, text=True, env=PROC_ENV, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     best = load(tmp_path / "c.pth")
-    model = test_model.build_model(best, "c.pth", torch.device("cpu"))
+    model = checkpoint.rebuild_model(best, "c.pth", torch.device("cpu"))
     saved = best["args"]
     loaders = train.get_mnist_dataloaders(data_dir=data_dir, batch_size=saved["batch_size"],
                                           val_size=saved["val_size"], seed=saved["seed"])
-    split = train.DeviceSplit(loaders[1], torch.device("cpu"), **best["normalization"])
+    split = data.DeviceSplit(loaders[1], torch.device("cpu"), **best["normalization"])
     criterion = nn.CrossEntropyLoss(label_smoothing=saved["label_smoothing"])
     loss, acc = train.evaluate(model, split, criterion, "val")
     assert acc == best["metrics"]["val_acc"] and loss == pytest.approx(best["metrics"]["val_loss"], rel=1e-5)

@@ -18,8 +18,8 @@ from PIL import Image
 from torchvision.datasets import FashionMNIST
 
 import bench
+import data
 import test_model
-import train
 from helpers import N_TEST, PROC_ENV, REPO, load, train_in_process
 from test_train import TINY
 from vision_mamba2 import VisionMamba2
@@ -95,7 +95,7 @@ def test_an_image_model_refuses_sequences_in_one_line(checkpoint, data_dir, tmp_
 
 def test_other_datasets_use_their_class_names(checkpoint, data_dir, tmp_path, capsys):
     ckpt = load(checkpoint)
-    _, mean, std = train.DATASETS["fashion-mnist"]
+    _, mean, std = data.DATASETS["fashion-mnist"]
     ckpt.update(dataset="fashion-mnist", normalization={"mean": mean, "std": std})
     ckpt["args"]["dataset"] = "fashion-mnist"
     torch.save(ckpt, tmp_path / "fashion.pth")
@@ -181,7 +181,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(zipfile, checkpoint, data_d
 
 
 def test_absent_dataset_offline_says_where_to_put_it(checkpoint, tmp_path, capsys, monkeypatch):
-    # offline, as torchvision sees it (test_train.py runs train.load_datasets offline in a real process)
+    # offline, as torchvision sees it (test_train.py runs data.load_datasets offline in a real process)
     def offline(url, *args, **kwargs):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 

@@ -14,6 +14,7 @@ from torchvision.datasets import MNIST
 import explain
 import mamba2_torch
 import test_model
+from checkpoint import rebuild_model
 from helpers import REPO, load, run_script, train_in_process
 from mamba2_torch import mamba_chunk_scan_combined
 from vision_mamba2 import SCANS, VisionMamba2, VisionMamba2Config
@@ -270,7 +271,7 @@ def test_a_sequential_checkpoint_is_measured_while_reading(sequential_checkpoint
         assert f"({t:,} pixels): accuracy {accuracy:.2%}" in out
 
     # the accuracy after t pixels, from the parallel form instead: the head on the mean of the first t steps' features
-    model = test_model.build_model(load(sequential_checkpoint), str(sequential_checkpoint), torch.device("cpu"))
+    model = rebuild_model(load(sequential_checkpoint), str(sequential_checkpoint), torch.device("cpu"))
     test = MNIST(data_dir, train=False)
     norm = load(sequential_checkpoint)["normalization"]
     x = (test.data[:, None].float() / 255 - norm["mean"]) / norm["std"]

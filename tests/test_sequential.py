@@ -6,7 +6,8 @@ import dataclasses
 import pytest
 import torch
 
-import test_model
+import checkpoint
+import data
 import train
 from helpers import load, run_script as run
 from vision_mamba2 import ResidualMamba2Block, SequentialMamba2, SequentialMamba2Config, pixel_permutation
@@ -140,7 +141,7 @@ def test_psmnist_trains_resumes_and_evaluates(data_dir, tmp_path):
     assert "resuming" in proc.stdout and "epoch 2/2" in proc.stdout and "task psmnist" in proc.stdout
     assert load(tmp_path / "m_last.pth")["epoch"] == 2
 
-    rebuilt = test_model.build_model(load(out), str(out), torch.device("cpu"))
+    rebuilt = checkpoint.rebuild_model(load(out), str(out), torch.device("cpu"))
     assert isinstance(rebuilt, SequentialMamba2) and torch.equal(rebuilt.permutation, pixel_permutation(784, 1))
     proc = run("test_model.py", "--checkpoint", out, "--data-dir", data_dir, "--out-dir", tmp_path / "eval",
                "--num-samples", "4", "--device", "cpu")
@@ -167,7 +168,7 @@ class Floats(torch.utils.data.Dataset):
 
 
 def test_device_split_normalizes_float_data_and_leaves_it_alone():
-    split = train.DeviceSplit(torch.utils.data.DataLoader(Floats(), batch_size=2), torch.device("cpu"), 1.0, 2.0)
+    split = data.DeviceSplit(torch.utils.data.DataLoader(Floats(), batch_size=2), torch.device("cpu"), 1.0, 2.0)
     for _ in range(2):  # a second pass sees the same values: normalizing a batch never edits the stored data
         x = torch.cat([x for x, _ in split.batches()])
         assert torch.equal(x, (Floats.data[:, None] - 1.0) / 2.0)

@@ -15,6 +15,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import checkpoint
+import steps
 import test_model
 import train
 from helpers import PROC_ENV, REPO, load
@@ -203,7 +205,7 @@ def test_model_options_reach_the_checkpoint_and_test_model(data_dir, tmp_path):
     assert ckpt["config"]["drop_path"] == 0.2
     assert ckpt["config"]["local_conv"] is True and "blocks.1.local.weight" in ckpt["model"]
     assert ckpt["config"]["patch_size"] == 2 and ckpt["model"]["pos_embed"].shape[-2:] == (14, 14)
-    model = test_model.build_model(ckpt, str(tmp_path / "m.pth"), torch.device("cpu"))
+    model = checkpoint.rebuild_model(ckpt, str(tmp_path / "m.pth"), torch.device("cpu"))
     assert [block.drop_path.p for block in model.blocks] == [0.0, 0.2]
     x = torch.randn(3, 1, 28, 28)
     trained = create_vision_mamba2_model(**ckpt["config"]).eval()
@@ -272,7 +274,7 @@ def test_ema_validates_checkpoints_and_resumes_the_average_of_the_weights(data_d
     # validation scored the average, which is what the checkpoint holds for test_model.py
     _, val_loader, _ = train.get_mnist_dataloaders(data_dir=str(data_dir), batch_size=64, val_size=50,
                                                    max_train_samples=96, seed=0)
-    model = test_model.build_model(last, str(tmp_path / "m_last.pth"), torch.device("cpu"))
+    model = checkpoint.rebuild_model(last, str(tmp_path / "m_last.pth"), torch.device("cpu"))
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     val_loss, _ = train.evaluate(model, train.LoaderSplit(val_loader, torch.device("cpu")), criterion,
                                  "validation")
@@ -307,7 +309,7 @@ def test_a_short_run_averages_only_its_last_quarter_and_a_resumed_run_keeps_its_
 def test_the_weight_average_copies_integer_buffers():
     """BatchNorm's step count (and the scan orders) are integers: copied, never averaged and rounded."""
     bn = torch.nn.BatchNorm1d(3)
-    ema = train.WeightAverage(bn, 0.9)
+    ema = steps.WeightAverage(bn, 0.9)
     for _ in range(4):
         bn(torch.randn(8, 3))
         ema.update()
@@ -317,7 +319,7 @@ def test_the_weight_average_copies_integer_buffers():
 
 def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "m.pth")
-    train.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
+    checkpoint.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
 
     def dies_mid_write(obj, f):
         f.write(b"half a checkpoint")
@@ -325,7 +327,7 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dies_mid_write)
     with pytest.raises(OSError):
-        train.save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, path)
+        checkpoint.save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, path)
     monkeypatch.undo()
     previous = load(path)
     assert previous["epoch"] == 1 and torch.equal(previous["w"], torch.ones(3))
@@ -368,14 +370,14 @@ def test_resume_keeps_hyperparameters(reference, data_dir, tmp_path, capsys):
     assert "--weight-decay 0.5 contradicts the checkpoint's 0.05" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("version", [None, train.CHECKPOINT_FORMAT + 1])
+@pytest.mark.parametrize("version", [None, checkpoint.CHECKPOINT_FORMAT + 1])
 def test_a_checkpoint_of_another_format_is_refused_in_one_line(version, reference, data_dir, tmp_path, capsys):
     old = load(reference[0] / "m_last.pth")
     if version is None:
         del old["format"]  # as written before checkpoints carried a format
     else:
         old["format"] = version
-    train.save_checkpoint(old, str(tmp_path / "old_last.pth"))
+    checkpoint.save_checkpoint(old, str(tmp_path / "old_last.pth"))
     assert run_main([*TINY, "--data-dir", data_dir, "--resume", tmp_path / "old_last.pth"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"is a checkpoint of format {version or 'none'}" in err

@@ -408,9 +408,9 @@ def checks(argv):
 
     def bench(name, seconds):
         json_path, batch = args.out / f"{name}.json", BENCH_STEPS[name]
-        size = ["--device", "cpu", "--batch-size", batch // 64, "--repeats", 1, "--naive-images", 1] if dry else \
-            ["--batch-size", batch, "--cuda-graphs", "--naive-images", 64]
-        steps.run(name, [PY, "bench.py", "models", *size, "--data-dir", data, "--json", json_path], budget(seconds),
+        size = ["--device", "cpu", "--batch-size", batch // 64, "--repeats", 1, "--seq-batch-size", 1] if dry else \
+            ["--batch-size", batch, "--cuda-graphs"]
+        steps.run(name, [PY, "bench.py", "models", *size, "--json", json_path], budget(seconds),
                   note="dry run: without --cuda-graphs (bench.py takes it on CUDA only)" if dry else None,
                   result=lambda: bench_result(json_path))
 

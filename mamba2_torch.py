@@ -133,15 +133,7 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
     out_dtype = x.dtype
     x, B, C, A = x.float(), B.float(), C.float(), A.float()  # no-ops (no copy) on fp32 inputs
 
-    # dt as the kernel computes it: + bias, softplus (threshold 20, as the kernel), clamp to dt_limit (after a
-    # softplus, whose output is >= 0, the default limits (0, inf) change nothing: that clamp is skipped)
-    dt = dt.float()
-    if dt_bias is not None:
-        dt = dt + dt_bias.float()
-    if dt_softplus:
-        dt = F.softplus(dt)
-    if not (dt_softplus and tuple(dt_limit) == (0.0, float("inf"))):
-        dt = dt.clamp(dt_limit[0], dt_limit[1])
+    dt = discretize_dt(dt, dt_bias, dt_softplus, dt_limit)
 
     # Balanced chunks: c = ceil(l / chunk_size) chunks of equal size q <= chunk_size, so at most c - 1
     # padded steps (chunk_size 64: 196 -> 4 chunks of 49, 784 -> 13 of 61). Padded steps have dt = 0:
@@ -187,15 +179,15 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
 
 
 def discretize_dt(dt, dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf"))):
-    """dt as mamba_chunk_scan_combined uses it, in fp32: + dt_bias, softplus (threshold 20, as the kernels), clamped
-    to dt_limit. For ssd_matrix and Mamba2.step."""
+    """dt as the kernels compute it, in fp32: + dt_bias, softplus (threshold 20, as the kernels), clamped to dt_limit
+    (after a softplus, whose output is >= 0, the default limits (0, inf) change nothing: that clamp is skipped)."""
     # dt : (..., h)
     dt = dt.float()
     if dt_bias is not None:
         dt = dt + dt_bias.float()
     if dt_softplus:
         dt = F.softplus(dt)
-    return dt.clamp(dt_limit[0], dt_limit[1])
+    return dt if dt_softplus and tuple(dt_limit) == (0.0, float("inf")) else dt.clamp(dt_limit[0], dt_limit[1])
 
 
 def ssd_matrix(dt, A, B, C, *, dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf"))):

@@ -1,26 +1,27 @@
 """
 Benchmarks, each printing a markdown table: speed and memory claims live here, never in timed tests.
 
-    python bench.py                                          # every section (the full run is for GPUs)
-    python bench.py --quick                                  # every section, small sizes: a few minutes on 2 CPU cores
-    python bench.py models scaling --json bench.json        # some sections; all their rows in one JSON file
+    python bench.py                                  # every section (the full run is for GPUs)
+    python bench.py --quick                          # every section, small sizes: a few minutes on 2 CPU cores
+    python bench.py models profile --json b.json     # some sections; all their rows in one JSON file
 
-    models   whole-model training and inference throughput and memory: Vision Mamba 2 (7x7 tokens, and 14x14 as
-             train.py --patch-size 2) on the portable backend and on the official kernels (CUDA with mamba-ssm), the CNN
-             and ViT baselines of baselines.py, and the
-             naive pipeline users start with (the same model scanning one token per step, batch 32,
-             per-sample DataLoader)
+    models   whole-model training and inference throughput and activation memory, every model in this one run:
+             Vision Mamba 2 (7x7 tokens, and 14x14 as train.py --patch-size 2) on the portable backend and on the
+             official kernels (CUDA with mamba-ssm), the sequential model (784 steps), the CNN and ViT of baselines.py
     scaling  the same 4-block stack, Mamba-2 vs attention, from 49 to 3,136 tokens: time and memory per token
     ssd      our SSD vs mamba_ssm's ssd_minimal_discrete and a sequential scan (needs mamba-ssm; CPU)
-    train    train.py's input pipeline and training steps vs a typical per-sample DataLoader
-    eval     test_model.py's batched test-set pass vs one image per forward
     ops      aten ops per training step (each at least one kernel launch on a GPU, where these small models wait
              on launches): Vision Mamba 2, the sequential model, CNN and ViT; counted on the CPU, exactly
+    profile  where a training step of the default model spends its time (torch.profiler): matrix products and
+             convolutions, against the rest (elementwise work, reductions, copies): how far the arithmetic's limit is
 
 Every measurement happens in this one process, so ratios compare like with like: medians of several repeats
-after a warm-up, timed with CUDA events on a GPU (perf_counter after a synchronize elsewhere).
+after a warm-up, timed with CUDA events on a GPU (perf_counter after a synchronize elsewhere). Every section
+trains with the same step as train.py (steps.training_step).
 """
 
+import argparse
+import collections
 import functools
 import gc
 import json
@@ -32,17 +33,12 @@ import time
 import torch
 import torch.nn.functional as F
 from torch.profiler import profile
-from torch.utils.data import DataLoader, Subset
-from torchvision import transforms
 
 import checkpoint
 import cli
-import data
 import steps
-import test_model
 from baselines import CNN, CNNConfig, ViT, ViTConfig
-from mamba2_torch import mamba_chunk_scan_combined, rmsnorm_fn
-from steps import keep_freed_memory_in_process
+from mamba2_torch import mamba_chunk_scan_combined
 from vision_mamba2 import (SequentialMamba2, SequentialMamba2Config, count_params, create_vision_mamba2_model,
                            load_official_kernels)
 
@@ -75,41 +71,25 @@ def median_time(fn, repeats, warmup=1, device=torch.device("cpu")):
     return statistics.median(times)
 
 
-def sequential_scan(x, dt, A, B, C):
-    """The SSM recurrence one step at a time, as a plain loop: h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T,
-    y_t = h_t C_t. (mamba_ssm's selective_scan_ref is the same loop, but materialises every step's
-    decay up front: ~80 s for one backward pass at L = 196 here, too slow to repeat.)"""
-    # x : (b, l, h, p)  dt : (b, l, h)  A : (h,)  B, C : (b, l, 1, n)
-    state = x.new_zeros(*x.shape[:1], *x.shape[2:], B.shape[-1])  # (b, h, p, n)
-    ys = []
-    for t in range(x.shape[1]):
-        decay = torch.exp(dt[:, t] * A)[:, :, None, None]
-        state = decay * state + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
-        ys.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t].expand(-1, x.shape[2], -1)))
-    return torch.stack(ys, dim=1)
+def trainer(model, *, amp, device, cache=True):
+    """step(x, y): one training step of `model` as train.py takes it (steps.training_step: forward under bf16
+    autocast when amp, cross-entropy, backward, AdamW), with a fresh optimizer. cache=False: autocast's weight cache
+    off, as CUDA graphs need."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type != "mps")
+    scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 needs no loss scaling
+    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=amp,
+                                 cache_enabled=cache)
+
+    def step(x, y):
+        model.train()
+        steps.training_step(model, x, y, optimizer=optimizer, criterion=F.cross_entropy, scaler=scaler,
+                            autocast=autocast, grad_clip=0.0)
+    return step
 
 
-def throughput(batches, images, device, step=None):
-    """images/s of step(x, y) over the first `images` images of the (x, y) iterable `batches`, after one
-    warm-up batch; without a step, of producing the batches alone."""
-    it = iter(batches)
-    x, y = next(it)
-    if step:
-        step(x, y)
-    sync(device)
-    t0, seen = time.perf_counter(), 0
-    for x, y in it:
-        if step:
-            step(x, y)
-        seen += len(y)
-        if seen >= images:
-            break
-    sync(device)
-    return seen / (time.perf_counter() - t0)
-
-
-def to_device(loader, device):
-    return ((x.to(device), y.to(device)) for x, y in loader)
+def uses_amp(args, device):
+    """--amp / --no-amp, or train.py's default: bf16 autocast on CUDA, fp32 elsewhere."""
+    return device.type == "cuda" if args.amp is None else args.amp
 
 
 class Unavailable(Exception):
@@ -137,149 +117,112 @@ def cell(value, fmt, why=None):
     return why or ("-" if value is None else format(value, fmt))
 
 
-def sequential_ssd(x, dt, A, B, C, chunk_size, *, D, z, dt_bias, dt_softplus, dt_limit):
-    """mamba_chunk_scan_combined's signature over sequential_scan: the naive model's SSD (chunk_size unused)."""
-    dt = dt + dt_bias
-    dt = F.softplus(dt) if dt_softplus else dt
-    y = sequential_scan(x, dt.clamp(*dt_limit), A, B, C) + x * D[:, None]
-    return y if z is None else y * F.silu(z)
+
+def model_specs(args, device):
+    """(name, backend, build, batch) of every model the models section times."""
+    backends = ["portable"] + (["official"] if device.type == "cuda" and load_official_kernels() is not None else [])
+    # the default 7x7 token grid, and the 14x14 grid of train.py --patch-size 2 (four times the tokens)
+    specs = [(name, backend, functools.partial(create_vision_mamba2_model, backend=backend, patch_size=p),
+              args.batch_size) for name, p in [("Vision Mamba 2", 4), ("Vision Mamba 2 (--patch-size 2)", 2)]
+             for backend in backends]
+    specs += [("sequential Mamba 2 (784 steps)", backend,
+               lambda backend=backend: SequentialMamba2(SequentialMamba2Config(backend=backend)), args.seq_batch_size)
+              for backend in backends]
+    return specs + [("CNN (baselines.py)", "-", lambda: CNN(CNNConfig()), args.batch_size),
+                    ("ViT (baselines.py)", "-", lambda: ViT(ViTConfig()), args.batch_size)]
 
 
-def naive_model():
-    """The default Vision Mamba 2 with every mixer scanning one token per step, as Python-loop tutorials do."""
-    model = create_vision_mamba2_model(backend="portable")
-    for block in model.blocks:
-        block.mixer.forward = functools.partial(block.mixer.mix, scan=sequential_ssd, gated_norm=rmsnorm_fn)
-    return model
+def measure_model(build, batch, mode, args, device):
+    """One row of the models section: training and inference img/s of a fresh model, its parameters, what autograd
+    keeps of an eager training step (activation MiB) and, on CUDA, its peak memory."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2 * batch, 1, 28, 28, generator=gen).to(device)  # inference takes twice the batch, as train.py
+    y = torch.randint(0, 10, (2 * batch,), generator=gen).to(device)
+    amp, cuda = uses_amp(args, device), device.type == "cuda"
+    torch.manual_seed(0)
+    raw_model = build().to(device)
+    row = dict(params=count_params(raw_model), train_img_s=None, infer_img_s=None, activation_mib=None, peak_mib=None)
+    if cuda:
+        gc.collect()  # a graphed model of an earlier row is a reference cycle: its memory goes only now
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device) if cuda else 0
+
+    def run():
+        model = steps.compile_model(raw_model, args.compile_mode) if mode == "compiled" else raw_model
+        trained = model
+        if mode == "CUDA graphs":  # captured for the training batch's shape; inference stays eager
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
+                trained = steps.GraphedTraining(raw_model, x[:batch])
+        step = trainer(trained, amp=amp, device=device, cache=mode != "CUDA graphs")
+
+        @torch.no_grad()
+        def infer():
+            model.eval()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                return model(x)
+        warmup = 3 if mode == "compiled" else 1  # a compiled model's warm-ups also record its CUDA graphs
+        t_train = median_time(lambda: step(x[:batch], y[:batch]), args.repeats, warmup, device=device)
+        t_infer = median_time(infer, args.repeats, warmup, device=device)
+        saved = None
+        if mode == "eager":  # what autograd saves in an eager step (compiled or captured graphs: their own)
+            raw_model.train()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                _, saved = saved_activation_bytes(lambda: F.cross_entropy(raw_model(x[:batch]), y[:batch]))
+        sync(device)
+        return dict(train_img_s=batch / t_train, infer_img_s=2 * batch / t_infer,
+                    peak_mib=(torch.cuda.max_memory_allocated(device) - base) / 2**20 if cuda else None,
+                    activation_mib=None if saved is None else saved / 2**20)
+
+    failure = {"eager": None, "compiled": "compile", "CUDA graphs": "CUDA graphs"}[mode]
+    measured, row["failed"] = attempt(run, device, failure=failure)
+    return {**row, **(measured or {})}
 
 
 def bench_models(args):
-    """Whole models, training (forward + backward + AdamW step) and inference: images/s and memory.
-
-    Vision Mamba 2, CNN and ViT step on one batch already on the device, as train.py's loop does (its input
-    pipeline costs little next to the model: see the train section); the naive pipeline pays for its per-sample
-    DataLoader too, since that is how it runs."""
+    """Whole models, training (forward + backward + AdamW step) and inference: images/s and memory, each on a batch
+    already on the device, as train.py's loop does. --compile / --cuda-graphs: each model once more that way."""
     device = cli.resolve_device(args.device)
-    cuda = device.type == "cuda"
-    amp = "bf16 autocast" if cuda else "fp32"  # train.py's default
-    # the default 7x7 token grid, and the 14x14 grid of train.py --patch-size 2 (four times the tokens)
-    backends = ["portable"] + (["official"] if cuda and load_official_kernels() is not None else [])
-    specs = [(name, backend, functools.partial(create_vision_mamba2_model, backend=backend, patch_size=p))
-             for name, p in [("Vision Mamba 2", 4), ("Vision Mamba 2 (--patch-size 2)", 2)] for backend in backends]
-    specs += [("CNN (baselines.py)", "-", lambda: CNN(CNNConfig())),
-              ("ViT (baselines.py)", "-", lambda: ViT(ViTConfig()))]
-    # --compile: each model once more through torch.compile (train.py --compile), timed after its compilation;
-    # --cuda-graphs: once more with its training steps replayed from CUDA graphs (train.py --cuda-graphs)
+    dtype = "bf16 autocast" if uses_amp(args, device) else "fp32"
     modes = ["eager"] + (["compiled"] if args.compile else []) + (["CUDA graphs"] if args.cuda_graphs else [])
-    specs = [(name, backend, build, mode) for name, backend, build in specs for mode in modes]
-    gen = torch.Generator().manual_seed(0)
-    b, naive_batch = args.batch_size, 32
-    n = max(2 * b, naive_batch)  # inference takes twice the batch, as train.py
-    x = torch.randn(n, 1, 28, 28, generator=gen).to(device)
-    y = torch.randint(0, 10, (n,), generator=gen).to(device)
-    rows = []
-
-    def measure(build, dtype, batch, step_fn, mode="eager"):
-        raw_model = build()
-        row = dict(params=count_params(raw_model), train_img_s=None, infer_img_s=None, activation_mib=None,
-                   peak_mib=None)
-        torch.manual_seed(0)
-        sync(device)
-        if cuda:
-            gc.collect()  # a graphed model of an earlier row is a reference cycle: its memory goes only now
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device) if cuda else 0
-        autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=dtype != "fp32",
-                                     cache_enabled=mode != "CUDA graphs")  # as train.py: graphs need it off
-
-        def run():
-            raw_model.to(device)
-            model = steps.compile_model(raw_model, args.compile_mode) if mode == "compiled" else raw_model
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-            train_model = model
-            if mode == "CUDA graphs":  # captured for the training batch's shape; inference stays eager
-                with autocast():
-                    train_model = steps.GraphedTraining(raw_model, x[:batch])
-
-            def step(xb, yb):
-                train_model.train()
-                with autocast():
-                    loss = F.cross_entropy(train_model(xb), yb)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-
-            @torch.no_grad()
-            def infer(xb):
-                model.eval()
-                with autocast():
-                    return model(xb)
-
-            train_rate, infer_rate = step_fn(model, step, infer, warmup=3 if mode == "compiled" else 1)
-            sync(device)
-            peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if cuda else None
-            saved = None
-            if mode == "eager":  # what autograd saves in an eager step (compiled or captured graphs: their own)
-                raw_model.train()
-                with autocast():
-                    _, saved = saved_activation_bytes(lambda: F.cross_entropy(raw_model(x[:batch]), y[:batch]))
-            return dict(train_img_s=train_rate, infer_img_s=infer_rate, peak_mib=peak,
-                        activation_mib=None if saved is None else saved / 2**20)
-
-        failure = {"eager": None, "compiled": "compile", "CUDA graphs": "CUDA graphs"}[mode]
-        measured, row["failed"] = attempt(run, device, failure=failure)
-        return {**row, **(measured or {})}
-
-    def on_device(model, step, infer, warmup):  # a compiled model's warm-ups also record its CUDA graphs
-        t_train = median_time(lambda: step(x[:b], y[:b]), args.repeats, warmup, device=device)
-        t_infer = median_time(lambda: infer(x[:2 * b]), args.repeats, warmup, device=device)
-        return b / t_train, 2 * b / t_infer
-
     fastpath = torch.backends.mha.get_fastpath_enabled()
-    for name, backend, build, mode in specs:
-        rows.append(dict(model=name, backend=backend, mode=mode, device=str(device), dtype=amp, batch=b,
-                         **measure(build, amp, b, on_device, mode)))
-        torch.backends.mha.set_fastpath_enabled(fastpath)  # compile_model turned it off: eager rows keep it
-        write_json(args, "models", rows)  # row by row: a run cut short keeps what it measured
-
-    # the naive pipeline: per-sample ToTensor + Normalize in a DataLoader, batch 32, fp32, one token per step
-    mean, std = data.DATASETS["mnist"].mean, data.DATASETS["mnist"].std
-    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
-    train_set, test_set = data.load_datasets("mnist", args.data_dir, tf)
-
-    def through_loaders(model, step, infer, warmup):  # throughput() warms up on the first batch
-        with torch.no_grad():  # the same function as our model, step by step
-            ours = create_vision_mamba2_model(backend="portable").to(device).eval()
-            ours.load_state_dict(model.state_dict())
-            model.eval()
-            probe = x[:2]
-            assert torch.allclose(model(probe), ours(probe), atol=1e-4, rtol=1e-4), \
-                "the naive model's logits differ from ours: its sequential scan is not the same SSD"
-        loader = functools.partial(DataLoader, batch_size=naive_batch, shuffle=True)
-        return (throughput(to_device(loader(train_set), device), args.naive_images, device, step),
-                throughput(to_device(loader(test_set), device), args.naive_images, device, lambda xb, yb: infer(xb)))
-
-    rows.append(dict(model="naive pipeline: Vision Mamba 2, sequential scan, DataLoader", backend="loop",
-                     mode="eager", device=str(device), dtype="fp32", batch=naive_batch,
-                     **measure(naive_model, "fp32", naive_batch, through_loaders)))
-
+    rows = []
+    for name, backend, build, batch in model_specs(args, device):
+        for mode in modes:
+            rows.append(dict(model=name, backend=backend, mode=mode, device=str(device), dtype=dtype, batch=batch,
+                             **measure_model(build, batch, mode, args, device)))
+            torch.backends.mha.set_fastpath_enabled(fastpath)  # compile_model turned it off: eager rows keep it
+            write_json(args, "models", rows)  # row by row: a run cut short keeps what it measured
+    print(f"\nWhole models on MNIST-sized images, {device} ({torch.get_num_threads()} threads), {dtype}; training = "
+          f"forward + backward + AdamW step (inference: twice the batch, no grad); median of {args.repeats} after a "
+          f"warm-up. Activations: what autograd keeps of one eager training batch"
+          f"{'; peak = most allocated by the model during the run' if device.type == 'cuda' else ''}\n")
+    print("| model | backend | mode | params | batch | train img/s | infer img/s | activations MiB | peak MiB "
+          "| train vs first row |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     ref = rows[0]
-    print(f"\nWhole models on MNIST-sized images, {device} ({torch.get_num_threads()} threads); training = forward + "
-          f"backward + AdamW step (inference: twice the batch, no grad); median of {args.repeats} after a warm-up; "
-          f"the naive pipeline over {args.naive_images} images of its DataLoader. Memory: autograd-saved activations "
-          f"of one eager training batch (compiled and CUDA-graph rows: -)"
-          f"{'; peak = most allocated by the model during the run' if cuda else ''}\n")
-    print("| model | backend | mode | params | dtype | batch | train img/s | infer img/s | activations MiB "
-          "| peak MiB | train vs ours |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = "-" if r["failed"] or ref["failed"] else f"{r['train_img_s'] / ref['train_img_s']:.2f}x"
-        print(f"| {r['model']} | {r['backend']} | {r['mode']} | {r['params']:,} | "
-              f"{r['dtype']} | {r['batch']} | {cell(r['train_img_s'], ',.1f', r['failed'])} | "
-              f"{cell(r['infer_img_s'], ',.1f')} | {cell(r['activation_mib'], ',.1f')} | {cell(r['peak_mib'], ',.0f')} "
-              f"| {ratio} |")
+        print(f"| {r['model']} | {r['backend']} | {r['mode']} | {r['params']:,} | {r['batch']} | "
+              f"{cell(r['train_img_s'], ',.1f', r['failed'])} | {cell(r['infer_img_s'], ',.1f')} | "
+              f"{cell(r['activation_mib'], ',.1f')} | {cell(r['peak_mib'], ',.0f')} | {ratio} |")
     return rows
+
+
+
+def sequential_scan(x, dt, A, B, C):
+    """The SSM recurrence one step at a time, as a plain loop: h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T,
+    y_t = h_t C_t. (mamba_ssm's selective_scan_ref is the same loop, but materialises every step's
+    decay up front: ~80 s for one backward pass at L = 196 here, too slow to repeat.)"""
+    # x : (b, l, h, p)  dt : (b, l, h)  A : (h,)  B, C : (b, l, 1, n)
+    state = x.new_zeros(*x.shape[:1], *x.shape[2:], B.shape[-1])  # (b, h, p, n)
+    ys = []
+    for t in range(x.shape[1]):
+        decay = torch.exp(dt[:, t] * A)[:, :, None, None]
+        state = decay * state + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
+        ys.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t].expand(-1, x.shape[2], -1)))
+    return torch.stack(ys, dim=1)
+
 
 
 def bench_ssd(args):
@@ -330,111 +273,6 @@ def bench_ssd(args):
     return rows
 
 
-def bench_train(args):
-    """train.py's on-device pipeline vs the per-sample DataLoader of typical MNIST scripts (batch 32,
-    ToTensor + Normalize in the loader): the pipeline alone, then whole training steps of the default model."""
-    device = cli.resolve_device(args.device)
-    mean, std = data.DATASETS["mnist"].mean, data.DATASETS["mnist"].std
-    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
-    train_set, _ = data.load_datasets("mnist", args.data_dir, tf)
-    train_set = Subset(train_set, range(min(args.train_samples or len(train_set), len(train_set))))
-    ours = data.DeviceSplit(DataLoader(train_set, batch_size=128), device, mean, std)
-    typical = DataLoader(train_set, batch_size=32, shuffle=True)
-    gen = torch.Generator(device=device).manual_seed(0)
-
-    def our_batches():
-        for x, y in ours.batches(gen):
-            yield data.random_affine(x, gen, translate=2.0, rotate=10.0, scale=0.1, fill=-mean / std), y
-
-    def our_plain_batches():
-        return ours.batches(gen)
-
-    def typical_batches():
-        return to_device(typical, device)
-
-    def rate(batches, images, step=None):
-        return throughput(batches(), images, device, step)
-
-    model = create_vision_mamba2_model().to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-
-    def step(x, y):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    typical_rate = rate(typical_batches, args.images)
-    rows = [("input pipeline, no augmentation", rate(our_plain_batches, args.images), typical_rate),
-            ("input pipeline, ours with augmentation", rate(our_batches, args.images), typical_rate),
-            ("training steps, default model", rate(our_batches, args.step_images, step),
-             rate(typical_batches, args.step_images, step))]
-    print(f"\nMNIST training input, {device} ({torch.get_num_threads()} threads); ours: whole split on the device, "
-          f"batch 128, random affine augmentation where said; typical: per-sample DataLoader, batch 32, ToTensor + "
-          f"Normalize, no augmentation\n")
-    print("| what | ours (img/s) | typical (img/s) | ours / typical |")
-    print("|---|---|---|---|")
-    for what, a, b in rows:
-        print(f"| {what} | {a:,.0f} | {b:,.0f} | {a / b:.1f}x |")
-    return [dict(what=w, device=str(device), dtype="bf16 autocast" if device.type == "cuda" else "fp32",
-                 batch_ours=128, batch_typical=32, ours_img_s=a, typical_img_s=b) for w, a, b in rows]
-
-
-def bench_eval(args):
-    """test_model.py's one batched pass over the whole test set vs the one-image-per-forward loop of typical
-    MNIST test scripts (the dataset's per-sample ToTensor + Normalize, then model(image[None])), same model."""
-    device = cli.resolve_device(args.device)
-    if args.checkpoint:
-        ckpt = checkpoint.load_checkpoint(args.checkpoint)
-        model = checkpoint.rebuild_model(ckpt, args.checkpoint, device)
-        dataset, norm, what = ckpt["dataset"], ckpt["normalization"], args.checkpoint
-    else:
-        model = create_vision_mamba2_model().to(device).eval()
-        dataset, what = "mnist", "the default model (untrained)"
-        norm = {"mean": data.DATASETS[dataset].mean, "std": data.DATASETS[dataset].std}
-    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((norm["mean"],), (norm["std"],))])
-    _, test = data.load_datasets(dataset, args.data_dir, tf)
-    timed = Subset(test, range(min(args.eval_images or len(test), len(test))))  # the first images of the test set
-    split = data.DeviceSplit(DataLoader(timed, batch_size=args.eval_batch_size), device, norm["mean"], norm["std"])
-    single = min(args.single_images, split.num_samples)
-    results = {}
-
-    def batched():
-        results["batched"] = test_model.predict(model, split)[0]
-
-    @torch.no_grad()
-    def one_by_one():
-        probs = []
-        for i in range(single):
-            x, _ = test[i]  # x : (1, H, W)
-            probs.append(model(x[None].to(device)).float().softmax(dim=1).cpu())
-        results["single"] = torch.cat(probs).numpy()
-
-    with torch.no_grad():  # warm-up: one batch
-        model(next(split.batches())[0])
-    t_batched = median_time(batched, args.repeats, warmup=0, device=device)
-    t_single = median_time(one_by_one, args.repeats, warmup=0, device=device)
-    # the same function: one image at a time gives the batched probabilities (on a GPU within the rounding of
-    # the TF32 convolutions cuDNN may pick differently for the two batch sizes)
-    tol = 1e-4 if device.type == "cpu" else 1e-3
-    assert abs(results["single"] - results["batched"][:single]).max() < tol, \
-        "one image per forward gave other probabilities than the batched pass"
-    rows = [dict(what=f"batched (test_model.py), batch {args.eval_batch_size}", device=str(device), dtype="fp32",
-                 batch=args.eval_batch_size, images=split.num_samples,
-                 seconds=t_batched, images_per_sec=split.num_samples / t_batched),
-            dict(what="one image per forward", device=str(device), dtype="fp32", batch=1, images=single,
-                 seconds=t_single, images_per_sec=single / t_single)]
-    print(f"\n{dataset} test-set evaluation, {device} ({torch.get_num_threads()} threads), {what}, fp32; "
-          f"the first {split.num_samples:,} test images batched, the first {single:,} one per forward; median of "
-          f"{args.repeats}\n")
-    print("| what | images | time (s) | img/s | vs one image per forward |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['what']} | {r['images']:,} | {r['seconds']:.1f} | {r['images_per_sec']:,.1f} | "
-              f"{r['images_per_sec'] / rows[1]['images_per_sec']:.1f}x |")
-    return rows
-
 
 def returns_a_view(op):
     """Whether the aten op named `op` ("aten::reshape") is a view op: one of its overloads' schemas marks every
@@ -447,11 +285,20 @@ def returns_a_view(op):
                for s in schemas)
 
 
+def profiled_step(model, x, y, *, amp=False):
+    """torch.profiler's record of one training step of `model` on the CPU: the second step (the first one creates
+    the optimizer's state and the model's caches)."""
+    step = trainer(model.cpu(), amp=amp, device=torch.device("cpu"))
+    step(x, y)
+    with profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step(x, y)
+    return prof
+
+
 def training_step_ops(model, x, y):
     """The aten ops that one training step (forward, cross-entropy, backward, fused AdamW step) launches.
 
-    Counted from torch.profiler's record of the step on the CPU (the second step: the first one creates the
-    optimizer's state and the model's caches). An op counts when it is
+    Counted from torch.profiler's record of the step on the CPU (profiled_step). An op counts when it is
       - top level: an aten op called from no other aten op (the ops that autograd's backward nodes call count:
         their callers are autograd nodes), and
       - not a view: not a view op (returns_a_view) whose every nested aten call is a view op too. So a reshape
@@ -460,19 +307,6 @@ def training_step_ops(model, x, y):
     Each op counted is at least one kernel launch on a GPU. Deterministic: the same model and batch shape give
     the same count on any CPU (and any batch size: no op depends on it). Returns {op name: count}.
     """
-    model = model.cpu().train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-
-    def step():
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    step()
-    with profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        step()
-
     def top_level(e):
         while (e := e.cpu_parent) is not None:
             if e.name.startswith("aten::"):
@@ -482,11 +316,9 @@ def training_step_ops(model, x, y):
     def view(e):
         return returns_a_view(e.name) and all(view(c) for c in e.cpu_children if c.name.startswith("aten::"))
 
-    counts = {}
-    for e in prof.events():
-        if e.name.startswith("aten::") and top_level(e) and not view(e):
-            counts[e.name] = counts.get(e.name, 0) + 1
-    return counts
+    events = profiled_step(model, x, y).events()
+    return dict(collections.Counter(e.name for e in events
+                                    if e.name.startswith("aten::") and top_level(e) and not view(e)))
 
 
 def bench_ops(args):
@@ -505,15 +337,56 @@ def bench_ops(args):
         model = build()
         ops = sum(training_step_ops(model, x, y).values())
         rows.append(dict(model=name, params=count_params(model), batch=args.batch_size, ops_per_step=ops))
-    print(f"\naten ops per training step (forward, cross-entropy, backward, fused AdamW), fp32, portable backend: "
-          f"the top-level ops that are not views, from torch.profiler on the CPU (bench.training_step_ops); on a "
-          f"GPU each is at least one kernel launch\n")
+    print("\naten ops per training step (forward, cross-entropy, backward, fused AdamW), fp32, portable backend: "
+          "the top-level ops that are not views, from torch.profiler on the CPU (bench.training_step_ops); on a "
+          "GPU each is at least one kernel launch\n")
     print("| model | params | batch | aten ops per step | vs ViT |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['params']:,} | {r['batch']} | {r['ops_per_step']:,} | "
               f"{r['ops_per_step'] / rows[-1]['ops_per_step']:.2f}x |")
     return rows
+
+
+
+MATRIX_PRODUCTS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addbmm"}
+
+
+def kind_of(op):
+    """What a profiled op (or autograd node, optimizer step, ...) is: a matrix product, a convolution or the rest."""
+    if op in MATRIX_PRODUCTS:
+        return "matrix products (mm, bmm)"
+    if op.startswith("aten::") and "conv" in op:  # mkldnn_convolution, convolution_backward, ...
+        return "convolutions, forward and backward"
+    return "the rest: elementwise work, reductions, copies, overhead"
+
+
+def bench_profile(args):
+    """Where one training step of the default model (portable backend, CPU, batch --batch-size) spends its time:
+    each op's own (self) CPU time from torch.profiler, summed by kind; the rest's largest ops listed under it."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch_size, 1, 28, 28, generator=gen)
+    y = torch.randint(0, 10, (args.batch_size,), generator=gen)
+    amp = uses_amp(args, torch.device("cpu"))
+    torch.manual_seed(0)
+    own = collections.Counter()
+    for e in profiled_step(create_vision_mamba2_model(backend="portable"), x, y, amp=amp).key_averages():
+        own[e.key] += e.self_cpu_time_total / 1e3  # ms
+    total = sum(own.values())
+    kinds = collections.Counter()
+    for op, ms in own.items():
+        kinds[kind_of(op)] += ms
+    rest = sorted(((op, ms) for op, ms in own.items() if kind_of(op).startswith("the rest")), key=lambda r: -r[1])
+    rows = [dict(what=kind, ms=ms, share=ms / total) for kind, ms in kinds.most_common()]
+    rows += [dict(what=f"of the rest: {op}", ms=ms, share=ms / total) for op, ms in rest[:args.profile_ops]]
+    print(f"\nOne training step of the default Vision Mamba 2 (portable), CPU ({torch.get_num_threads()} threads), "
+          f"{'bf16 autocast' if amp else 'fp32'}, batch {args.batch_size}: each op's own CPU time (torch.profiler, "
+          f"which adds a little to every op), by kind; total {total:,.0f} ms\n")
+    print("| where | ms | share |")
+    print("|---|---|---|")
+    for r in rows:
+        print(f"| {r['what']} | {r['ms']:,.1f} | {100 * r['share']:.1f} % |")
+    return [dict(r, batch=args.batch_size, dtype="bf16 autocast" if amp else "fp32") for r in rows]
 
 
 def saved_activation_bytes(fn):
@@ -533,59 +406,51 @@ def saved_activation_bytes(fn):
     return out, total
 
 
-def bench_scaling(args):
-    """The same 4-block stack (width 128) over 49 to 3,136 tokens: Mamba-2 vs softmax attention.
-    Tokens per batch are held constant, so a flat time per token means linear cost in the length."""
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def scaling_stacks(device):
+    """(name, backend, build) of the 4-block stacks of width 128 the scaling section compares."""
     import torch.nn as nn
 
     from vision_mamba2 import ResidualMamba2Block, SequentialMamba2Config
 
-    device = cli.resolve_device(args.device)
-    width, depth = 128, 4
-
     def mamba(backend):
-        config = SequentialMamba2Config(d_model=width, d_state=32, headdim=32, backend=backend)
-        return nn.Sequential(*(ResidualMamba2Block(config) for _ in range(depth)))
+        config = SequentialMamba2Config(d_model=128, d_state=32, headdim=32, backend=backend)
+        return nn.Sequential(*(ResidualMamba2Block(config) for _ in range(4)))
 
     def attention():  # a ViT block: pre-norm multi-head self-attention + MLP
-        return nn.Sequential(*(nn.TransformerEncoderLayer(width, nhead=4, dim_feedforward=2 * width, dropout=0.0,
-                                                          batch_first=True, norm_first=True)
-                               for _ in range(depth)))
+        return nn.Sequential(*(nn.TransformerEncoderLayer(128, nhead=4, dim_feedforward=256, dropout=0.0,
+                                                          batch_first=True, norm_first=True) for _ in range(4)))
 
     stacks = [("Mamba-2", "portable", functools.partial(mamba, "portable"))]
     if device.type == "cuda" and load_official_kernels() is not None:
         stacks.append(("Mamba-2", "official", functools.partial(mamba, "official")))
-    stacks.append(("attention", "-", attention))
+    return stacks + [("attention", "-", attention)]
+
+
+def bench_scaling(args):
+    """The same 4-block stack (width 128) over 49 to 3,136 tokens: Mamba-2 vs softmax attention.
+    Tokens per batch are held constant, so a flat time per token means linear cost in the length."""
+    device = cli.resolve_device(args.device)
     # on an H100, 8,192 tokens per batch left every model waiting on kernel launches (all lengths alike); at
     # 32,768 attention's quadratic cost shows, while Mamba-2's steps still cost their launches (README)
     tokens = args.tokens or (32768 if device.type == "cuda" else 8192)
-    rows = []
+    stacks, rows = scaling_stacks(device), []
     for name, backend, build in stacks:
         model = build().to(device)
-        params = count_params(model)
         for l in args.scaling_lengths:
             b = max(1, tokens // l)
-            x = torch.randn(b, l, width, device=device)
-
-            def step():
-                model(x).sum().backward()
+            x = torch.randn(b, l, 128, device=device)
 
             def measure():
-                t = median_time(step, args.repeats, device=device)
+                t = median_time(lambda: model(x).sum().backward(), args.repeats, device=device)
                 _, saved = saved_activation_bytes(lambda: model(x).sum())
                 return dict(ms=1e3 * t, us_per_token=1e6 * t / (b * l), activation_mib=saved / 2**20,
                             activation_kib_per_token=saved / 2**10 / (b * l))
             measured, failed = attempt(measure, device)
-            rows.append(dict(model=name, backend=backend, device=str(device), dtype="fp32", params=params, length=l,
-                             batch=b, tokens_per_batch=tokens, failed=failed, **(measured or dict.fromkeys(
+            rows.append(dict(model=name, backend=backend, device=str(device), dtype="fp32", params=count_params(model),
+                             length=l, batch=b, tokens_per_batch=tokens, failed=failed, **(measured or dict.fromkeys(
                                  ["ms", "us_per_token", "activation_mib", "activation_kib_per_token"]))))
-            del x
-
-    print(f"\n{depth} blocks of width {width}, forward + backward, {device} ({torch.get_num_threads()} threads), fp32, "
+    print(f"\n4 blocks of width 128, forward + backward, {device} ({torch.get_num_threads()} threads), fp32, "
           f"about {tokens:,} tokens per batch; median of {args.repeats}\n")
     print("| model | backend | params | tokens | batch | time (ms) | us / token | activations (MiB) | KiB / token |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -594,6 +459,16 @@ def bench_scaling(args):
               + " | ".join(cell(r[k], f, r["failed"]) for k, f in [("ms", ".1f"), ("us_per_token", ".2f"),
                                                                     ("activation_mib", ".1f"),
                                                                     ("activation_kib_per_token", ".1f")]) + " |")
+    plot_scaling(rows, stacks, args, device)
+    return rows
+
+
+def plot_scaling(rows, stacks, args, device):
+    """The scaling rows as two panels, time and activation memory per token over the length, to args.plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
     for name, backend, _ in stacks:
@@ -606,26 +481,24 @@ def bench_scaling(args):
         ax.set_xticks(args.scaling_lengths, [f"{l:,}" for l in args.scaling_lengths])
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"{depth} blocks of width {width} on {device}, same tokens per batch")
+    fig.suptitle(f"4 blocks of width 128 on {device}, same tokens per batch")
     fig.tight_layout()
     fig.savefig(args.plot, dpi=120)
     print(f"\nwrote {args.plot}")
-    return rows
 
 
-SECTIONS = {"models": bench_models, "scaling": bench_scaling, "ssd": bench_ssd, "train": bench_train,
-            "eval": bench_eval, "ops": bench_ops}
+SECTIONS = {"models": bench_models, "scaling": bench_scaling, "ssd": bench_ssd, "ops": bench_ops,
+            "profile": bench_profile}
 # --quick: every section at small sizes, a few minutes on 2 CPU cores (flags given on the command line win)
-QUICK = dict(batch_size=32, naive_images=64, repeats=1, scaling_lengths=[49, 196, 784, 3136], tokens=3136,
-             lengths=[196], batch=8, images=2000, step_images=64, train_samples=5000, eval_images=256,
-             single_images=32)
+QUICK = dict(batch_size=32, seq_batch_size=4, repeats=1, scaling_lengths=[49, 196, 784, 3136], tokens=3136,
+             lengths=[196], batch=8)
 
 
 def build_parser():
     count = cli.int_at_least(1)
     p = cli.Parser(prog="bench.py", formatter_class=cli.HelpFormatter,
-                     description="Benchmarks, each printing a markdown table: " + ", ".join(SECTIONS) +
-                                 " (see the top of bench.py for what each measures).")
+                   description="Benchmarks, each printing a markdown table: " + ", ".join(SECTIONS) +
+                               " (see the top of bench.py for what each measures).")
     p.add_argument("sections", nargs="*", metavar="SECTION",
                    help=f"what to run, any of {', '.join(SECTIONS)} (default: all of them; a section this machine "
                         "cannot run, such as ssd without mamba-ssm, is then skipped with the reason)")
@@ -634,17 +507,17 @@ def build_parser():
                         + ", ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
                                     for k, v in QUICK.items()))
     p.add_argument("--device", type=cli.device_name, default="auto",
-                   help="models, scaling, train, eval: auto picks cuda, then mps, then cpu (ssd runs on the CPU)")
-    p.add_argument("--data-dir", default="./data",
-                   help="models, train, eval: torchvision's root for MNIST (downloaded when absent)")
+                   help="models, scaling: auto picks cuda, then mps, then cpu (ssd, ops and profile run on the CPU)")
     p.add_argument("--repeats", type=count, default=5, help="timed repeats per measurement (the median is reported)")
     p.add_argument("--json", help="also write every section's rows, with the machine and the command, to this "
                                   "JSON file")
+    p.add_argument("--batch-size", type=count, default=128,
+                   help="models: the image models' training batch (inference: twice as many), train.py's default; "
+                        "also the batch of ops and profile")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="models, profile: bf16 autocast (default: as train.py, on CUDA only)")
     g = p.add_argument_group("models")
-    g.add_argument("--batch-size", type=count, default=128,
-                   help="training batch (inference: twice as many), train.py's default; the naive pipeline "
-                        "always uses 32; also the ops section's batch")
-    g.add_argument("--naive-images", type=count, default=512, help="images timed through the naive pipeline")
+    g.add_argument("--seq-batch-size", type=count, default=32, help="the sequential model's training batch")
     g.add_argument("--compile", action="store_true",
                    help="also time each model through torch.compile, as train.py --compile runs it (after its "
                         "compilation: a minute or more per model)")
@@ -663,20 +536,8 @@ def build_parser():
     g = p.add_argument_group("ssd")
     g.add_argument("--lengths", type=count, nargs="+", default=[196, 784], help="sequence lengths")
     g.add_argument("--batch", type=count, default=32, help="sequences per call")
-    g = p.add_argument_group("train")
-    g.add_argument("--images", type=count, default=20000, help="images timed for the input pipeline")
-    g.add_argument("--step-images", type=count, default=1024, help="images timed for training steps")
-    g.add_argument("--train-samples", type=count, default=None,
-                   help="training images used (default: all 60,000)")
-    g = p.add_argument_group("eval")
-    g.add_argument("--checkpoint", help="a train.py checkpoint to time (default: the default model, untrained: "
-                                        "the weights don't change the speed)")
-    g.add_argument("--eval-batch-size", type=count, default=test_model.build_parser().get_default("batch_size"),
-                   help="batch size of the batched pass (default: test_model.py's)")
-    g.add_argument("--eval-images", type=count, default=None,
-                   help="test images in the batched pass (default: all 10,000)")
-    g.add_argument("--single-images", type=count, default=500,
-                   help="test images timed one per forward pass (all 10,000 take long on a CPU)")
+    p.add_argument_group("profile").add_argument("--profile-ops", type=count, default=8,
+                                                 help="how many of the rest's largest ops to list")
     return p
 
 
@@ -737,7 +598,7 @@ def parse_args(argv):
 
 
 def main(argv=None):
-    keep_freed_memory_in_process()
+    steps.keep_freed_memory_in_process()
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     sys.exit(cli.exit_status(lambda: run(args)))

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, repeat
+from torch.utils.checkpoint import checkpoint
 
 
 def causal_bias(n, device):
@@ -51,6 +52,73 @@ def segsum(x):
     return x + causal_bias(T, x.device)
 
 
+def decay_matrix(dA_cs):
+    """L[..., t, s] = exp(dA_cs[..., t] - dA_cs[..., s]), the decay from step s to step t <= s of a chunk (the caller
+    masks above the diagonal). Inside one chunk the difference of cumsums is accurate enough; as in the official
+    kernels the exponent is capped at 0, which keeps the unused upper triangle finite. It is also floored at -80
+    (exp(-80) ~ 2e-35, lost in the rounding of any sum it enters): a CPU's exp() is 25x slower on arguments whose
+    result is denormal (below ~-87). Three passes over the (s x s) matrices, in place."""
+    # dA_cs : (..., s)
+    return torch.sub(dA_cs[..., :, None], dA_cs[..., None, :]).clamp_(-80.0, 0.0).exp_()
+
+
+class ChunkDiagonal(torch.autograd.Function):
+    """The SSD inside each chunk (the diagonal blocks): y[t] = sum_{s <= t} (C[t] . B[s]) L[t, s] xdt[s].
+
+    The (t x s) matrices per head are the largest tensors of the layer. Autograd would keep three of them for the
+    backward pass and run a dozen passes over them; this keeps only the inputs and C B^T (shared by the heads),
+    recomputes the decays in the backward pass (as the official kernels do) and updates them in place.
+
+    C, B: (b, g, c, t|s, n)  dA_cs: (b, g, r, c, s), cumsums of dt A inside each chunk  xdt: (b, g, r, c, s, p), fp32.
+    Returns y (b, g, r, c, t, p)."""
+
+    @staticmethod
+    def forward(ctx, C, B, dA_cs, xdt):
+        with torch.autocast(xdt.device.type, enabled=False):  # fp32 matmuls under autocast too
+            CB = (C @ B.transpose(-1, -2)).tril_()  # (b, g, c, t, s), causal: no head dimension, small
+            ctx.save_for_backward(C, B, CB, dA_cs, xdt)
+            return decay_matrix(dA_cs).mul_(CB[:, :, None]) @ xdt  # (b, g, r, c, t, s) @ (b, g, r, c, s, p)
+
+    @staticmethod
+    def backward(ctx, dy):
+        # dy : (b, g, r, c, t, p)
+        with torch.autocast(dy.device.type, enabled=False):
+            return ChunkDiagonal.gradients(*ctx.saved_tensors, dy.float())
+
+    @staticmethod
+    def gradients(C, B, CB, dA_cs, xdt, dy):
+        CB = CB[:, :, None]  # (b, g, 1, c, t, s)
+        L = decay_matrix(dA_cs)
+        dxdt = (L * CB).transpose(-1, -2) @ dy
+        dscores = (dy @ xdt.transpose(-1, -2)).mul_(L)  # d(CB) summed over the group's heads
+        dCB = dscores.sum(2).tril_()  # (b, g, c, t, s)
+        dlog = dscores.mul_(CB)  # d(dA_cs[t] - dA_cs[s]) = dscores o CB o L, zero above the diagonal
+        ddA_cs = dlog.sum(-1) - dlog.sum(-2)
+        return dCB @ B, dCB.transpose(-1, -2) @ C, ddA_cs, dxdt
+
+
+def off_diagonal(xdt, Bc, Cc, dA_cs, initial_states=None):
+    """The SSD's off-diagonal blocks: what each chunk's output owes to the state carried in from the chunks before
+    it (and from initial_states). xdt: (b, g, c, s, r, p)  Bc, Cc: (b, g, c, s, n)  dA_cs: (b, g, r, c, s)
+    initial_states: (b, g, r, 1, p, n) or None (zeros). Returns y_off (b, g, r, c, t, p), final_states (b, g, r, p, n)."""
+    p = xdt.shape[-1]
+    # 2. Each chunk's final state from its own inputs (right factor of the off-diagonal blocks)
+    decay_states = rearrange(torch.exp(dA_cs[..., -1:] - dA_cs), "b g r c s -> b g c s r 1")
+    states = rearrange(xdt * decay_states, "b g c s r p -> b g c (r p) s") @ Bc  # (b, g, c, rp, n)
+
+    # 3. Inter-chunk recurrence: the true state at every chunk boundary (middle factor)
+    states = rearrange(states, "b g c (r p) n -> b g r c p n", p=p)
+    init = torch.zeros_like(states[:, :, :, :1]) if initial_states is None else initial_states
+    states = torch.cat([init, states], dim=3)  # (b, g, r, c+1, p, n)
+    decay_chunk = torch.exp(segsum(F.pad(dA_cs[..., -1], (1, 0))))  # (b, g, r, c+1, c+1)
+    states = torch.einsum("bgrzc,bgrcpn->bgrzpn", decay_chunk, states)
+    states, final_states = states[:, :, :, :-1], states[:, :, :, -1]
+
+    # 4. State -> output inside each chunk (left factor)
+    y_off = Cc @ rearrange(states, "b g r c p n -> b g c n (r p)")  # (b, g, c, t, rp)
+    return rearrange(y_off, "b g c t (r p) -> b g r c t p", p=p) * torch.exp(dA_cs)[..., None], final_states
+
+
 def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
                               *, dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False):
     """SSD with the calling convention of mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined.
@@ -65,15 +133,7 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
     out_dtype = x.dtype
     x, B, C, A = x.float(), B.float(), C.float(), A.float()  # no-ops (no copy) on fp32 inputs
 
-    # dt as the kernel computes it: + bias, softplus (threshold 20, as the kernel), clamp to dt_limit (after a
-    # softplus, whose output is >= 0, the default limits (0, inf) change nothing: that clamp is skipped)
-    dt = dt.float()
-    if dt_bias is not None:
-        dt = dt + dt_bias.float()
-    if dt_softplus:
-        dt = F.softplus(dt)
-    if not (dt_softplus and tuple(dt_limit) == (0.0, float("inf"))):
-        dt = dt.clamp(dt_limit[0], dt_limit[1])
+    dt = discretize_dt(dt, dt_bias, dt_softplus, dt_limit)
 
     # Balanced chunks: c = ceil(l / chunk_size) chunks of equal size q <= chunk_size, so at most c - 1
     # padded steps (chunk_size 64: 196 -> 4 chunks of 49, 784 -> 13 of 61). Padded steps have dt = 0:
@@ -90,37 +150,21 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
     # fold into one matmul dimension; only the intra-chunk mixing needs each head's own decay matrix.
     xdt = chunked(x * dt[..., None], "b (c s) (g r) p -> b g c s r p", g=g)
     Bc, Cc = (chunked(t, "b (c s) g n -> b g c s n") for t in (B, C))
-    dA_cs = torch.cumsum(chunked(dt * A, "b (c s) (g r) -> b g r c s", g=g), dim=-1)  # (b, g, r, c, s)
+    # (summed in dt's own layout: its gradient then comes back in that layout, which a traced linear layer needs)
+    dA_cs = rearrange(torch.cumsum(chunked(dt * A, "b (c s) h -> b c s h"), dim=2), "b c s (g r) -> b g r c s", g=g)
 
-    # 1. Intra-chunk output (diagonal blocks): y = (C B^T o L) (x dt), L[t, s] = exp(dA_cs[t] - dA_cs[s]) for
-    # s <= t. Inside one chunk the difference of cumsums is accurate enough (the official kernel computes it so)
-    # and costs far less than segsum's cumsum over every (t, s) pair, whose backward pass flips it twice.
-    CB = Cc @ Bc.transpose(-1, -2)  # (b, g, c, t, s)
-    L = torch.exp(dA_cs[..., :, None] - dA_cs[..., None, :] + causal_bias(q, x.device))
-    scores = CB[:, :, None] * L  # (b, g, r, c, t, s)
-    y = scores @ rearrange(xdt, "b g c s r p -> b g r c s p")  # (b, g, r, c, t, p)
+    # 1. Intra-chunk output (diagonal blocks): y = (C B^T o L) (x dt), L[t, s] = exp(dA_cs[t] - dA_cs[s]) for s <= t
+    y = ChunkDiagonal.apply(Cc, Bc, dA_cs, rearrange(xdt, "b g c s r p -> b g r c s p"))  # (b, g, r, c, t, p)
 
     # 2.-4. The states carried across chunks (off-diagonal blocks): nothing to add when a single chunk starts
-    # from zero and its final state is not asked for (49 tokens in one chunk of 64: the image model's case)
+    # from zero and its final state is not asked for (49 tokens in one chunk of 64: the image model's case).
+    # Recomputed in the backward pass rather than stored (as the official kernels do): they held a third of what
+    # a 784-step sequence kept for the backward pass, and cost a few matmuls to redo.
     if c > 1 or initial_states is not None or return_final_states:
-        # 2. Each chunk's final state from its own inputs (right factor of the off-diagonal blocks)
-        decay_states = rearrange(torch.exp(dA_cs[..., -1:] - dA_cs), "b g r c s -> b g c s r 1")
-        states = rearrange(xdt * decay_states, "b g c s r p -> b g c (r p) s") @ Bc  # (b, g, c, rp, n)
-
-        # 3. Inter-chunk recurrence: the true state at every chunk boundary (middle factor)
-        states = rearrange(states, "b g c (r p) n -> b g r c p n", p=p)
-        if initial_states is None:
-            init = torch.zeros_like(states[:, :, :, :1])
-        else:
-            init = rearrange(initial_states.float(), "b (g r) p n -> b g r 1 p n", g=g)
-        states = torch.cat([init, states], dim=3)  # (b, g, r, c+1, p, n)
-        decay_chunk = torch.exp(segsum(F.pad(dA_cs[..., -1], (1, 0))))  # (b, g, r, c+1, c+1)
-        states = torch.einsum("bgrzc,bgrcpn->bgrzpn", decay_chunk, states)
-        states, final_states = states[:, :, :, :-1], states[:, :, :, -1]
-
-        # 4. State -> output inside each chunk (left factor)
-        y_off = Cc @ rearrange(states, "b g r c p n -> b g c n (r p)")  # (b, g, c, t, rp)
-        y = y + rearrange(y_off, "b g c t (r p) -> b g r c t p", p=p) * torch.exp(dA_cs)[..., None]
+        if initial_states is not None:
+            initial_states = rearrange(initial_states.float(), "b (g r) p n -> b g r 1 p n", g=g)
+        y_off, final_states = checkpoint(off_diagonal, xdt, Bc, Cc, dA_cs, initial_states, use_reentrant=False)
+        y = y + y_off
 
     y = rearrange(y, "b g r c t p -> b (c t) (g r) p")[:, :l]
     if D is not None:
@@ -135,15 +179,15 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
 
 
 def discretize_dt(dt, dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf"))):
-    """dt as mamba_chunk_scan_combined uses it, in fp32: + dt_bias, softplus (threshold 20, as the kernels), clamped
-    to dt_limit. For ssd_matrix and Mamba2.step."""
+    """dt as the kernels compute it, in fp32: + dt_bias, softplus (threshold 20, as the kernels), clamped to dt_limit
+    (after a softplus, whose output is >= 0, the default limits (0, inf) change nothing: that clamp is skipped)."""
     # dt : (..., h)
     dt = dt.float()
     if dt_bias is not None:
         dt = dt + dt_bias.float()
     if dt_softplus:
         dt = F.softplus(dt)
-    return dt.clamp(dt_limit[0], dt_limit[1])
+    return dt if dt_softplus and tuple(dt_limit) == (0.0, float("inf")) else dt.clamp(dt_limit[0], dt_limit[1])
 
 
 def ssd_matrix(dt, A, B, C, *, dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf"))):
@@ -168,21 +212,52 @@ def rmsnorm_fn(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_before_g
     norm_before_gate: norm(x) * silu(z), else norm(x * silu(z)). Normalised per group of group_size.
     """
     # x, z : (..., d)
-    dtype = x.dtype
-    x = x.float()
-    if z is not None and not norm_before_gate:
-        x = x * F.silu(z.float())
     d = group_size or x.shape[-1]
-    if d == x.shape[-1]:  # one group: the weight goes inside the norm (one op; fused on GPUs)
-        out = F.rms_norm(x, (d,), weight.float(), eps)
-    else:
-        xg = rearrange(x, "... (g d) -> ... g d", d=d)
-        out = rearrange(F.rms_norm(xg, (d,), eps=eps), "... g d -> ... (g d)") * weight.float()
-    if bias is not None:
-        out = out + bias.float()
-    if z is not None and norm_before_gate:
-        out = out * F.silu(z.float())
-    return out.to(dtype)
+    groups = lambda t: None if t is None else rearrange(t.float(), "... (g d) -> ... g d", d=d)  # noqa: E731
+    out = GatedRMSNorm.apply(groups(x), groups(z), groups(weight), groups(bias), eps, norm_before_gate)
+    return rearrange(out, "... g d -> ... (g d)").to(x.dtype)
+
+
+class GatedRMSNorm(torch.autograd.Function):
+    """rmsnorm_fn on (..., g, d) groups in fp32, keeping only x, z and the inverse norms for the backward pass, which
+    recomputes silu(z) and the normalised x (as the official kernel does): autograd would keep four more tensors of
+    x's size and make twice as many passes over them."""
+
+    @staticmethod
+    def forward(ctx, x, z, weight, bias, eps, norm_before_gate):
+        # x, z : (..., g, d)  weight, bias : (g, d)
+        gated = x if z is None or norm_before_gate else x * F.silu(z)
+        rstd = torch.rsqrt(torch.linalg.vector_norm(gated, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps))
+        out = torch.mul(gated, rstd).mul_(weight)
+        if bias is not None:
+            out += bias
+        if z is not None and norm_before_gate:
+            out *= F.silu(z)
+        ctx.save_for_backward(x, z, weight, bias, rstd)
+        ctx.norm_before_gate = norm_before_gate
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, z, weight, bias, rstd = ctx.saved_tensors
+        gate = None if z is None else F.silu(z)
+        gate_after = z is not None and ctx.norm_before_gate
+        xhat = x * rstd if z is None or gate_after else (x * gate).mul_(rstd)
+        dz = None
+        if gate_after:  # out = (xhat w + bias) silu(z)
+            normed = xhat * weight if bias is None else torch.addcmul(bias, xhat, weight)
+            dz = torch.ops.aten.silu_backward(dout * normed, z)
+            dout = dout * gate
+        rows = tuple(range(dout.dim() - 2))
+        dweight = (dout * xhat).sum(rows)
+        dbias = None if bias is None else dout.sum(rows)
+        dxhat = dout * weight
+        # d(gated) = rstd (dxhat - xhat mean(dxhat xhat)): the derivative of x / rms(x)
+        dgated = dxhat.addcmul_(xhat, torch.linalg.vecdot(dxhat, xhat, dim=-1)[..., None], value=-1 / x.shape[-1])
+        dgated.mul_(rstd)
+        if z is None or gate_after:
+            return dgated, dz, dweight, dbias, None, None
+        return dgated * gate, torch.ops.aten.silu_backward(dgated * x, z), dweight, dbias, None, None
 
 
 class RMSNormGated(nn.Module):
@@ -197,6 +272,26 @@ class RMSNormGated(nn.Module):
     def forward(self, x, z=None):
         return rmsnorm_fn(x, self.weight, self.bias, z=z, eps=self.eps, group_size=self.group_size,
                           norm_before_gate=self.norm_before_gate)
+
+
+def causal_conv1d_silu(x, weight, bias=None):
+    """silu(depthwise causal conv1d) on x (b, l, d) with a conv1d's weight (d, 1, w) and bias (d,), returned as
+    (b, l, d): mamba_ssm's causal_conv1d_fn(x.transpose(1, 2), ..., activation="silu"), transposed back.
+    Computed as a (1 x w) conv2d on x's own memory layout (channels-last: no transposed copy either way), whose
+    first l outputs are the causal ones, the bias added apart (the conv's own bias gradient is the slowest part of
+    its backward pass on a CPU): three times as fast as conv1d on (b, d, l), backward pass included. Recomputed in
+    the backward pass from x, which the layer keeps anyway, rather than keeping the conv's output (as the official
+    kernels do): a quarter of what a 784-step sequence kept for the backward pass, for 2 % more time."""
+    return checkpoint(conv_silu, x, weight, bias, use_reentrant=False)
+
+
+def conv_silu(x, weight, bias):
+    # x : (b, l, d)  weight : (d, 1, w)  bias : (d,) or None
+    b, l, d = x.shape
+    w = weight.shape[-1]
+    out = F.conv2d(rearrange(x, "b l d -> b d 1 l"), weight[:, :, None], padding=(0, w - 1), groups=d)
+    out = rearrange(out[..., :l], "b d 1 l -> b l d")
+    return F.silu(out if bias is None else out + bias)
 
 
 class Mamba2(nn.Module):
@@ -259,7 +354,7 @@ class Mamba2(nn.Module):
         outputs one at a time, in memory constant in the length. dt_limit and D_has_hdim act as in forward
         (mamba_ssm 2.3's step ignores the first and rejects the second)."""
         # hidden_states : (b, 1, d_model)  conv_state : (b, conv_dim, d_conv)  ssm_state : (b, h, p, n)
-        z, xBC, dt = torch.split(self.in_proj(hidden_states[:, 0]), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        z, xBC, dt = self.in_proj_parts(hidden_states[:, 0])
         # the causal conv at the newest position: slide the window of the last d_conv inputs, apply the kernel
         conv_state.copy_(torch.cat([conv_state[..., 1:], xBC[..., None]], dim=-1))
         xBC = F.silu(F.conv1d(conv_state.to(xBC.dtype), self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim))
@@ -278,13 +373,20 @@ class Mamba2(nn.Module):
         y = self.norm(y, z) if self.rmsnorm else y * F.silu(z)
         return self.out_proj(y)[:, None], conv_state, ssm_state
 
+    def in_proj_parts(self, u):
+        """in_proj(u) as its parts z, xBC, dt, each computed by its own rows of the weight: each comes out contiguous
+        (the conv reads xBC without a copy), and the backward pass adds their gradients into u's instead of first
+        concatenating them (a pass over the whole projection)."""
+        sizes = [self.d_inner, self.conv_dim, self.nheads]
+        biases = [None] * 3 if self.in_proj.bias is None else self.in_proj.bias.split(sizes)
+        return [F.linear(u, w, b) for w, b in zip(self.in_proj.weight.split(sizes), biases)]
+
     def ssd_matrix(self, u):
         """This layer's SSD matrix M (b, h, l, l) on input u (see the function ssd_matrix): x, dt, B and C come from u
         as in mix(), and the scan's output is y[:, i, h] = sum_j M[:, h, i, j] x[:, j, h] + D x[:, i, h]."""
         # u : (b, l, d_model)
-        l = u.shape[1]
-        _, xBC, dt = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
-        xBC = F.silu(self.conv1d(xBC.transpose(1, 2))[..., :l].transpose(1, 2))
+        _, xBC, dt = self.in_proj_parts(u)
+        xBC = causal_conv1d_silu(xBC, self.conv1d.weight, self.conv1d.bias)
         _, B, C = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         B, C = (rearrange(t, "b l (g n) -> b l g n", g=self.ngroups) for t in (B, C))
         return ssd_matrix(dt, -torch.exp(self.A_log.float()), B, C, dt_bias=self.dt_bias, dt_softplus=True,
@@ -293,9 +395,8 @@ class Mamba2(nn.Module):
     def mix(self, u, *, scan, gated_norm):
         """The Mamba-2 forward with the SSD `scan` and `gated_norm` functions given (portable or official)."""
         # u : (b, l, d_model)
-        l = u.shape[1]
-        z, xBC, dt = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
-        xBC = F.silu(self.conv1d(xBC.transpose(1, 2))[..., :l].transpose(1, 2))  # causal: drop the tail
+        z, xBC, dt = self.in_proj_parts(u)
+        xBC = causal_conv1d_silu(xBC, self.conv1d.weight, self.conv1d.bias)
         x, B, C = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         y = scan(
             rearrange(x, "b l (h p) -> b l h p", p=self.headdim),

@@ -289,9 +289,9 @@ def checks(argv):
                       result=lambda: pytest_result(xml))
         elif name.startswith("bench-"):  # a dry run: no CUDA graphs
             path, batch = args.out / f"{name}.json", int(name.removeprefix("bench-b"))
-            size = ["--device", "cpu", "--batch-size", batch // 64, "--repeats", 1, "--naive-images", 1] if dry else \
-                ["--batch-size", batch, "--cuda-graphs", "--naive-images", 64]
-            steps.run(name, [PY, "bench.py", "models", *size, "--data-dir", args.data, "--json", path],
+            size = ["--device", "cpu", "--batch-size", batch // 64, "--repeats", 1, "--seq-batch-size", 1] if dry else \
+                ["--batch-size", batch, "--cuda-graphs"]
+            steps.run(name, [PY, "bench.py", "models", *size, "--json", path],
                       result=lambda: bench_result(path))
         elif name == "train-cuda-graphs":  # a dry run: train.py must refuse it on a CPU (exit status 2)
             train(name, ["--cuda-graphs", *(TINY if dry else SHORT)], expect=2 if dry else 0)

@@ -17,7 +17,6 @@ import torchvision
 from PIL import Image
 from torchvision.datasets import FashionMNIST
 
-import bench
 import data
 import test_model
 from helpers import N_TEST, PROC_ENV, REPO, load, train_in_process
@@ -210,12 +209,3 @@ def test_absent_dataset_offline_says_where_to_put_it(checkpoint, tmp_path, capsy
                          capsys)
     assert status == 2 and err.count("\n") == 1
     assert str(tmp_path / "nowhere" / "MNIST" / "raw") in err and "t10k-images-idx3-ubyte" in err
-
-
-def test_bench_eval_prints_a_table(checkpoint, data_dir, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        bench.main(["eval", "--checkpoint", str(checkpoint), "--data-dir", str(data_dir), "--single-images", "5",
-                    "--repeats", "1", "--device", "cpu"])
-    assert exit_info.value.code == 0
-    out = capsys.readouterr().out
-    assert f"| batched (test_model.py), batch 64 | {N_TEST} |" in out and "| one image per forward | 5 |" in out

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
-from mamba2_torch import Mamba2, mamba_chunk_scan_combined, ssd_matrix
+from mamba2_torch import Mamba2, mamba_chunk_scan_combined, rmsnorm_fn, ssd_matrix
 from vision_mamba2 import load_official_kernels
 
 
@@ -236,3 +236,19 @@ def test_ssd_matrix_is_the_scan(l, chunk, g, extras):
     assert (M.triu(diagonal=1) == 0).all() and (M.diagonal(dim1=-2, dim2=-1) != 0).all()
     y = torch.einsum("bhij,bjhp->bihp", M, x) + x * D[:, None]
     assert rel_err(y, mamba_chunk_scan_combined(x, dt, A, B, C, chunk, D=D, **kw)) <= 1e-5
+
+
+@pytest.mark.parametrize("group_size", [None, 32, 8])
+@pytest.mark.parametrize("norm_before_gate", [False, True])
+@pytest.mark.parametrize("gated", [True, False])
+def test_gated_rmsnorm_matches_rms_norm_ref(group_size, norm_before_gate, gated):
+    """Our gated RMSNorm (an autograd Function with its own backward pass) against mamba_ssm's pure-PyTorch
+    reference, forward and gradients, per group, gate before or after the norm, with a bias."""
+    rms_norm_ref = mamba_ssm_module("mamba_ssm.ops.triton.layernorm_gated").rms_norm_ref
+    gen = torch.Generator().manual_seed(0)
+    inp = dict(x=torch.randn(3, 5, 32, generator=gen), weight=torch.randn(32, generator=gen),
+               bias=torch.randn(32, generator=gen), z=torch.randn(3, 5, 32, generator=gen) if gated else None)
+    inp = {k: v.requires_grad_() for k, v in inp.items() if v is not None}
+    kw = dict(z=inp.get("z"), eps=1e-5, group_size=group_size, norm_before_gate=norm_before_gate)
+    ours = rmsnorm_fn(inp["x"], inp["weight"], inp["bias"], **kw)
+    assert_close(ours, rms_norm_ref(inp["x"], inp["weight"], inp["bias"], **kw, upcast=True), inp)

@@ -174,8 +174,8 @@ def check_args(args, given):
 
 
 def parse_args(argv):
-    """(args, the flags given, the checkpoint to resume or None). The model flags depend on --task and --arch (a
-    resumed run's: on its checkpoint's), so those are read first."""
+    """(args, the checkpoint to resume or None). The model flags depend on --task and --arch (a resumed run's: on its
+    checkpoint's), so those are read first."""
     first = argparse.ArgumentParser(add_help=False)
     for flag in ("--task", "--arch", "--resume"):
         first.add_argument(flag)
@@ -187,7 +187,9 @@ def parse_args(argv):
                          f"from its *_last.pth")
     task, arch = model_kind(resume) if resume else (known.task or "image", known.arch or "mamba2")
     if (task, arch) not in MODELS:
-        raise UsageError(f"--arch {arch} is an image classifier: --task {task} takes only --arch mamba2")
+        if task in {t for t, _ in MODELS} and arch in {a for _, a in MODELS}:
+            raise UsageError(f"--arch {arch} is an image classifier: --task {task} takes only --arch mamba2")
+        build_parser().parse_args(argv)  # an unknown --task or --arch: argparse's one line, with the choices
     parser = build_parser(task, arch)
     args, unknown = parser.parse_known_args(argv)
     if unknown:

@@ -351,6 +351,8 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     (["--cuda-graphs", "--compile"], "--cuda-graphs and --compile exclude each other"),
     (["--arch", "cnn", "--drop-path", "0.1"], "--drop-path belongs to --task/--arch image/mamba2, smnist/mamba2"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["--arch", "resnet"], "argument --arch: invalid choice: 'resnet'"),
+    (["--task", "cifar"], "argument --task: invalid choice: 'cifar'"),
     (["--task", "smnist", "--arch", "vit"], "--task smnist takes only --arch mamba2"),
     (["--task", "smnist", "--aug-rotate", "5"], "--aug-rotate applies only to --task image"),
     (["--task", "smnist", "--permutation-seed", "1"], "--permutation-seed applies only to --task psmnist"),

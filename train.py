@@ -713,6 +713,7 @@ def main(argv=None):
     def run():
         status = train(sys.argv[1:] if argv is None else argv)
         if dist.is_initialized():  # every rank got here (after an error torchrun ends the others)
+            dist.barrier()  # rank 0 may still be writing its files: the ranks leave together
             dist.destroy_process_group()
         return status
     sys.exit(exit_status(run, f" (rank {rank})" if rank else ""))

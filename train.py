@@ -13,7 +13,7 @@ the hot loop never touches PIL or a DataLoader. Model selection and early stoppi
 carved from the training set; the test set is evaluated once, at the end.
 
 Outputs: the best-on-validation checkpoint (--out), a resumable last checkpoint next to it (*_last.pth), the run's
-numbers as JSON (*.json), training_history.png, and TensorBoard logs in <--log-dir>/<run-name>/.
+numbers as JSON (*.json), training_history.png, and TensorBoard logs in runs/<run-name>/, all beside --out.
 """
 
 import argparse
@@ -69,8 +69,7 @@ RECIPES = {"smnist": {**NO_AUGMENTATION, "epochs": 30, "ema": 0.0},
            "fashion-mnist": {"aug_translate": 2.0, "aug_rotate": 0.0, "aug_scale": 0.0}}
 
 # what a resumed run may change; the other flags must agree with the checkpoint
-RESUME_MAY_CHANGE = {"epochs", "patience", "device", "amp", "compile", "cuda_graphs", "data_dir", "out", "log_dir",
-                     "resume"}
+RESUME_MAY_CHANGE = {"epochs", "patience", "device", "amp", "compile", "cuda_graphs", "data_dir", "out", "resume"}
 
 
 def build_parser(task="image", arch="mamba2"):
@@ -117,9 +116,8 @@ def build_parser(task="image", arch="mamba2"):
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
                    help="replay the training step as CUDA graphs (one GPU, not with --compile)")
     g.add_argument("--out", default=None,
-                   help="best checkpoint; *_last.pth, *.json and training_history.png go beside it (default: "
-                        "named after model, task and dataset, e.g. vision_mamba2_mnist.pth)")
-    g.add_argument("--log-dir", default="runs", help="TensorBoard logs go to <log-dir>/<run-name>/")
+                   help="best checkpoint; *_last.pth, *.json, training_history.png and TensorBoard's runs/ go beside "
+                        "it (default: named after model, task and dataset, e.g. vision_mamba2_mnist.pth)")
     g.add_argument("--resume", metavar="PATH", default=None, help="continue the run saved in this *_last.pth")
     return p
 
@@ -168,9 +166,9 @@ def check_args(args, given):
                          f"(read in order) or psmnist (in a fixed random order)")
     if args.cuda_graphs and args.compile:
         raise UsageError("--cuda-graphs and --compile exclude each other")
-    args.run_name = getattr(args, "run_name", None) or \
-        f"{'' if args.arch == 'mamba2' else args.arch + '-'}{'' if args.task == 'image' else args.task + '-'}" \
-        f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if os.path.isdir(args.out) or args.out.endswith(os.sep):
+        example = os.path.join(args.out, default_out(args.task, args.arch, args.dataset))
+        raise UsageError(f"--out {args.out} is a folder: name the checkpoint file, e.g. {example}")
 
 
 def parse_args(argv):
@@ -202,6 +200,10 @@ def parse_args(argv):
             if key not in given:
                 setattr(args, key, value)
         args.out = args.out or default_out(args.task, args.arch, args.dataset)
+        # TensorBoard's folder for this run; a resumed run logs on into its own (the name is in its args)
+        model = "" if args.arch == "mamba2" else args.arch + "-"
+        task = "" if args.task == "image" else args.task + "-"
+        args.run_name = f"{model}{task}{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     check_args(args, given)
     return args, resume
 
@@ -539,10 +541,11 @@ def validate(run, epoch, train_metrics):
 
 
 def output_paths(args):
-    """(best checkpoint, last checkpoint, training_history.png, results JSON)."""
+    """(best checkpoint, last checkpoint, training_history.png, results JSON, TensorBoard logs), all beside --out."""
     root, ext = os.path.splitext(args.out)
-    return (args.out, f"{root}_last{ext or '.pth'}", os.path.join(os.path.dirname(args.out), "training_history.png"),
-            root + ".json")
+    folder = os.path.dirname(args.out)
+    return (args.out, f"{root}_last{ext or '.pth'}", os.path.join(folder, "training_history.png"), root + ".json",
+            os.path.join(folder, "runs"))
 
 
 def epoch_line(run, epoch, improved):
@@ -555,13 +558,11 @@ def epoch_line(run, epoch, improved):
 
 def log_scalars(run, epoch, writer):
     """The epoch's numbers in TensorBoard; "loss/..." and "accuracy/..." put train and validation side by side."""
-    m = run.metrics
-    scalars = {"loss/train": m["train_loss"], "loss/val": m["val_loss"], "accuracy/train": m["train_acc"],
-               "accuracy/val": m["val_acc"], "lr": m["lr"], "images_per_sec": m["images_per_sec"]}
-    if run.ema:
-        scalars["accuracy/val_raw_weights"] = m["val_acc_raw"]
-    for name, value in scalars.items():
-        writer.add_scalar(name, value, epoch)
+    names = {"train_loss": "loss/train", "val_loss": "loss/val", "train_acc": "accuracy/train",
+             "val_acc": "accuracy/val", "val_acc_raw": "accuracy/val_raw_weights", "lr": "lr",
+             "images_per_sec": "images_per_sec"}
+    for key, value in run.metrics.items():
+        writer.add_scalar(names[key], value, epoch)
     writer.flush()
 
 
@@ -589,7 +590,7 @@ def plot_history(history, path, *, augmented):
 def fit(run, writer):
     """The epoch loop: train, validate, checkpoint; early stop. Returns 130 after Ctrl-C, else 0."""
     args, env = run.args, run.env
-    best_path, last_path, plot_path, _ = output_paths(args)
+    best_path, last_path, plot_path, *_ = output_paths(args)
     patience = max(5, args.epochs // 2) if args.patience is None else args.patience
     for epoch in range(run.start_epoch + 1, args.epochs + 1):
         if patience and epoch - 1 - run.best_epoch >= patience:
@@ -637,7 +638,7 @@ def final_test(run, writer):
     """The test set, once, in fp32, with the weights that were best on validation (rank 0 reads them, all evaluate);
     its numbers go into the best checkpoint, TensorBoard's hparams and the results JSON."""
     args, env = run.args, run.env
-    best_path, last_path, plot_path, results_path = output_paths(args)
+    best_path, last_path, plot_path, results_path, _ = output_paths(args)
     if env.master and not os.path.exists(best_path):
         raise UsageError(f"no best checkpoint at {best_path}: pass the --out of the run being resumed")
     best = load_checkpoint(best_path, "--out") if env.master else None
@@ -661,28 +662,25 @@ def final_test(run, writer):
 
 def describe_run(run, resume):
     """What is about to train, on what, how."""
-    args, env, data = run.args, run.env, run.data
-    n_train, n_val, n_test = data.sizes
-    print0(f"{args.dataset}: {n_train:,} train / {n_val:,} validation / {n_test:,} test images on {env.device}")
+    args, env, data, config = run.args, run.env, run.data, run.raw_model.config
+    print0(f"{args.dataset}: {data.sizes[0]:,} train / {data.sizes[1]:,} validation / {data.sizes[2]:,} test images")
     if args.task != "image":
-        seed = run.raw_model.config.permutation_seed
+        seed = config.permutation_seed
         order = "row-major order" if seed is None else f"the order of --permutation-seed {seed}"
-        print0(f"task {args.task}: {run.raw_model.config.seq_len} pixels per image, one per step, in {order}")
-    speedup = ", CUDA graphs" if args.cuda_graphs else ", compiled" if args.compile else ""
+        print0(f"task {args.task}: {config.seq_len} pixels per image, one per step, in {order}")
     amp = str(run.amp_dtype).removeprefix("torch.") if run.use_amp else "off"
-    average = f", weight average (decay {run.ema.decay:.4g})" if run.ema else ""
+    extras = [", CUDA graphs" * args.cuda_graphs, ", compiled" * args.compile,
+              f", weight average (decay {run.ema.decay:.4g})" if run.ema else ""]
     print0(f"model: {args.arch}, {count_params(run.raw_model):,} parameters, device {env.device}, amp {amp}"
-           f"{speedup}{average}")
+           f"{''.join(extras)}")
     if args.arch == "mamba2":
         print0(f"backend: {describe_backend(args.backend, env.device)}")
     if env.ddp:
-        print0(f"torchrun: {env.world_size} processes ({dist.get_backend()}), each {data.train.num_samples:,} "
-               f"training images per epoch in steps of {args.batch_size}: effective batch size "
+        print0(f"torchrun: {env.world_size} processes ({dist.get_backend()}): effective batch size "
                f"{env.world_size * args.batch_size}, {run.steps_per_epoch} steps per epoch, peak lr {args.lr:g}")
     if resume:
-        print0(f"resuming {args.resume} after epoch {run.start_epoch} (best validation accuracy so far "
-               f"{run.best_val_acc:.2%})")
-    print0(f"TensorBoard: tensorboard --logdir {args.log_dir}   (run {args.run_name})")
+        print0(f"resuming {args.resume} after epoch {run.start_epoch} (best validation accuracy {run.best_val_acc:.2%})")
+    print0(f"TensorBoard: tensorboard --logdir {output_paths(args)[-1]}   (run {args.run_name})")
 
 
 def train(argv):
@@ -695,7 +693,7 @@ def train(argv):
     run = setup(args, env, data, build_model(args, config, env.device), resume)
     run.started = started
     describe_run(run, resume)
-    writer = SummaryWriter(os.path.join(args.log_dir, args.run_name),
+    writer = SummaryWriter(os.path.join(output_paths(args)[-1], args.run_name),
                            purge_step=run.start_epoch + 1 if resume else None) if env.master else None
     with writer or contextlib.nullcontext():
         status = fit(run, writer)

@@ -71,8 +71,7 @@ def test_flags_of_another_arch_are_errors(argv, message, tmp_path, capsys):
     ("vit", ["--d-model", "16", "--num-blocks", "1", "--heads", "2"], ViT),
 ])
 def test_baseline_trains_resumes_and_evaluates(arch, flags, model_cls, data_dir, tmp_path, capsys):
-    common = ["--batch-size", "32", "--device", "cpu", "--seed", "0", "--data-dir", data_dir,
-              "--log-dir", tmp_path / "runs"]
+    common = ["--batch-size", "32", "--device", "cpu", "--seed", "0", "--data-dir", data_dir]
     proc = run("train.py", "--arch", arch, *flags, "--epochs", "1", *common, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = tmp_path / f"{arch}_mnist.pth"  # the arch's own default --out: the Mamba model's is not overwritten
@@ -108,6 +107,6 @@ def test_compiled_vit_trains_and_validates(data_dir, tmp_path):
     # (pytorch/pytorch#196251) unless steps.compile_model turns that shortcut off
     proc = run("train.py", "--arch", "vit", "--d-model", "16", "--num-blocks", "1", "--heads", "2", "--compile",
                "--epochs", "1", "--batch-size", "64", "--device", "cpu", "--data-dir", data_dir,
-               "--out", tmp_path / "vit.pth", "--log-dir", tmp_path / "runs")
+               "--out", tmp_path / "vit.pth")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert ", compiled" in proc.stdout and "test: loss" in proc.stdout

@@ -141,8 +141,7 @@ def test_train_py_with_cuda_graphs(data_dir, tmp_path):
     graphs and runs its last, smaller batch eagerly; train.py says how many of each."""
     env = {k: v for k, v in PROC_ENV.items() if k not in ("TRITON_INTERPRET", "TRITON_F32_DEFAULT")}
     cmd = [sys.executable, str(REPO / "train.py"), "--cuda-graphs", "--device", "cuda", "--batch-size", "32",
-           "--epochs", "2", "--data-dir", str(data_dir), "--out", str(tmp_path / "m.pth"),
-           "--log-dir", str(tmp_path / "runs")]
+           "--epochs", "2", "--data-dir", str(data_dir), "--out", str(tmp_path / "m.pth")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     counts = re.search(r"CUDA graphs: (\d+) training steps replayed, (\d+) run eagerly", proc.stdout)

@@ -94,7 +94,7 @@ def test_two_processes_equal_one_evaluating_their_checkpoint(ddp_run, data_dir, 
 
 def test_epoch_end_checkpoint_resumes_in_one_process(ddp_run, data_dir, tmp_path):
     shutil.copytree(ddp_run[0], tmp_path, dirs_exist_ok=True)
-    assert run_main([*TINY, *DDP, "--data-dir", data_dir, "--out", tmp_path / "m.pth", "--log-dir", tmp_path / "runs",
+    assert run_main([*TINY, *DDP, "--data-dir", data_dir, "--out", tmp_path / "m.pth",
                      "--resume", tmp_path / "m_last.pth", "--epochs", EPOCHS + 1]) == 0
     after = load(tmp_path / "m_last.pth")
     assert after["epoch"] == EPOCHS + 1
@@ -171,7 +171,7 @@ def test_cnn_validates_with_rank_0s_batchnorm_statistics(ema, data_dir, tmp_path
     # ones the checkpoint holds
     cmd = [*torchrun_prefix(), str(REPO / "train.py"), "--arch", "cnn", "--width", "4", "--batch-size", "8",
            "--device", "cpu", "--seed", "0", "--epochs", "1", "--data-dir", str(data_dir),
-           "--out", str(tmp_path / "c.pth"), "--log-dir", str(tmp_path / "runs"), *ema]
+           "--out", str(tmp_path / "c.pth"), *ema]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=PROC_ENV, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     best = load(tmp_path / "c.pth")

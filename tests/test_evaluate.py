@@ -29,8 +29,7 @@ OUTPUTS = ("confusion_matrix.png", "predictions_visualization.png", "confident_m
 @pytest.fixture(scope="module")
 def checkpoint(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("checkpoint")
-    assert train_in_process([*TINY, "--epochs", "2", "--data-dir", data_dir, "--out", out / "m.pth",
-                             "--log-dir", out / "runs"]) == 0
+    assert train_in_process([*TINY, "--epochs", "2", "--data-dir", data_dir, "--out", out / "m.pth"]) == 0
     return out / "m.pth"
 
 

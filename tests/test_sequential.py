@@ -124,7 +124,7 @@ def test_flags_of_another_task_are_errors(argv, message, tmp_path, capsys):
 
 def test_psmnist_trains_resumes_and_evaluates(data_dir, tmp_path):
     out = tmp_path / "m.pth"
-    flags = [*TINY_FLAGS, "--data-dir", data_dir, "--out", out, "--log-dir", tmp_path / "runs"]
+    flags = [*TINY_FLAGS, "--data-dir", data_dir, "--out", out]
     proc = run("train.py", "--task", "psmnist", "--permutation-seed", "1", "--epochs", "1", *flags)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "task psmnist: 784 pixels per image, one per step, in the order of --permutation-seed 1" in proc.stdout
@@ -178,7 +178,7 @@ def test_mnist1d_trains_and_evaluates(data_dir, tmp_path):
     pytest.importorskip("mnist1d")
     out = tmp_path / "m.pth"
     proc = run("train.py", "--task", "psmnist", "--dataset", "mnist1d", *TINY_FLAGS, "--epochs", "1",
-               "--max-train-samples", "256", "--out", out, "--log-dir", tmp_path / "runs")
+               "--max-train-samples", "256", "--out", out)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "mnist1d: 256 train / 500 validation / 1,000 test images" in proc.stdout
     assert "task psmnist: 40 pixels per image" in proc.stdout and "test: loss" in proc.stdout

@@ -31,7 +31,7 @@ CURVES = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")  # history ent
 
 def train_cmd(data_dir, out_dir, *extra):
     return [sys.executable, str(REPO / "train.py"), *TINY, "--data-dir", str(data_dir),
-            "--out", str(out_dir / "m.pth"), "--log-dir", str(out_dir / "runs"), *extra]
+            "--out", str(out_dir / "m.pth"), *extra]
 
 
 def run_train(data_dir, out_dir, *extra):
@@ -145,7 +145,7 @@ def run_main(argv):
 def test_the_model_learns(data_dir, tmp_path):
     """Ten short epochs on the synthetic digits (the class is a square's size): validation and test accuracy well
     above the 10 % of chance."""
-    assert run_main([*TINY, "--data-dir", data_dir, "--out", tmp_path / "m.pth", "--log-dir", tmp_path / "runs",
+    assert run_main([*TINY, "--data-dir", data_dir, "--out", tmp_path / "m.pth",
                      "--epochs", 10]) == 0
     metrics = load(tmp_path / "m.pth")["metrics"]
     assert metrics["val_acc"] > 0.5 and metrics["test_acc"] > 0.5, metrics
@@ -155,7 +155,7 @@ def test_same_seed_same_losses(data_dir, tmp_path):
     histories = []
     for name in ("a", "b"):
         out = tmp_path / name
-        assert run_main([*TINY, "--data-dir", data_dir, "--out", out / "m.pth", "--log-dir", out / "runs",
+        assert run_main([*TINY, "--data-dir", data_dir, "--out", out / "m.pth",
                          "--epochs", 2, "--max-train-samples", 96]) == 0
         histories.append(load(out / "m_last.pth")["history"])
     for key in CURVES:
@@ -172,7 +172,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monke
         return real_train_one_epoch(run, epoch)
 
     monkeypatch.setattr(train, "train_one_epoch", poisoned)
-    status = run_main([*TINY, "--data-dir", data_dir, "--out", tmp_path / "m.pth", "--log-dir", tmp_path / "runs",
+    status = run_main([*TINY, "--data-dir", data_dir, "--out", tmp_path / "m.pth",
                        "--epochs", 2, "--max-train-samples", 64])
     err = capsys.readouterr().err
     assert status == 1
@@ -191,7 +191,7 @@ def test_early_stopping_patience_grows_with_the_run(epochs, patience, ran, data_
 
     monkeypatch.setattr(train, "train_one_epoch", no_training)
     flags = [] if patience is None else ["--patience", patience]
-    assert run_main([*TINY, "--data-dir", data_dir, "--out", tmp_path / "m.pth", "--log-dir", tmp_path / "runs",
+    assert run_main([*TINY, "--data-dir", data_dir, "--out", tmp_path / "m.pth",
                      "--epochs", epochs, "--max-train-samples", 64, *flags]) == 0
     out = capsys.readouterr().out
     assert len(load(tmp_path / "m_last.pth")["history"]["val_acc"]) == ran
@@ -203,7 +203,7 @@ def test_model_options_reach_the_checkpoint_and_test_model(data_dir, tmp_path):
     """--patch-size, --drop-path and --local-conv go into the model config the checkpoint carries; test_model.py
     rebuilds exactly the model train.py built from the flags: the test loss train.py measured with it (the best
     weights loaded) is the rebuilt model's, measured here."""
-    assert run_main([*TINY, "--data-dir", data_dir, "--out", tmp_path / "m.pth", "--log-dir", tmp_path / "runs",
+    assert run_main([*TINY, "--data-dir", data_dir, "--out", tmp_path / "m.pth",
                      "--epochs", 1, "--max-train-samples", 64, "--num-blocks", 2, "--drop-path", 0.2,
                      "--patch-size", 2, "--local-conv"]) == 0
     ckpt = load(tmp_path / "m.pth")
@@ -232,7 +232,7 @@ def test_a_run_on_another_dataset_leaves_the_mnist_checkpoint_alone(data_dir, tm
     """Without --out, python train.py --dataset fashion-mnist used to overwrite vision_mamba2_mnist.pth. And it takes
     Fashion-MNIST's augmentation defaults, where a flag given on the command line still wins."""
     monkeypatch.chdir(tmp_path)
-    common = [*TINY, "--data-dir", data_dir, "--log-dir", tmp_path / "runs", "--epochs", 1, "--max-train-samples", 64]
+    common = [*TINY, "--data-dir", data_dir, "--epochs", 1, "--max-train-samples", 64]
     assert run_main(common) == 0
     mnist = (tmp_path / "vision_mamba2_mnist.pth").read_bytes()
     assert run_main([*common, "--dataset", "fashion-mnist"]) == 0
@@ -265,7 +265,7 @@ def test_ema_validates_checkpoints_and_resumes_the_average_of_the_weights(data_d
     monkeypatch.setattr(train, "train_one_epoch", recording)
     # 8 steps an epoch: the one-epoch run below can average with 0.5 (the cap, 1 - 4/8, does not bind)
     flags = [*TINY, "--data-dir", data_dir, "--max-train-samples", 96, "--batch-size", 12, "--ema", 0.5]
-    assert run_main([*flags, "--out", tmp_path / "m.pth", "--log-dir", tmp_path / "runs", "--epochs", 2]) == 0
+    assert run_main([*flags, "--out", tmp_path / "m.pth", "--epochs", 2]) == 0
     last = load(tmp_path / "m_last.pth")
     assert last["ema_updates"] == len(after_each_step) > 2
     expected = after_each_step[0]  # the average starts at the weights after the first step
@@ -290,7 +290,7 @@ def test_ema_validates_checkpoints_and_resumes_the_average_of_the_weights(data_d
 
     # one epoch, then a resumed second: the same average and raw weights as the straight run
     out = tmp_path / "resumed"
-    assert run_main([*flags, "--out", out / "m.pth", "--log-dir", out / "runs", "--epochs", 1]) == 0
+    assert run_main([*flags, "--out", out / "m.pth", "--epochs", 1]) == 0
     assert run_main(["--resume", out / "m_last.pth", "--epochs", 2]) == 0
     resumed = load(out / "m_last.pth")
     assert resumed["ema_updates"] == last["ema_updates"]
@@ -302,8 +302,7 @@ def test_ema_validates_checkpoints_and_resumes_the_average_of_the_weights(data_d
 def test_a_short_run_averages_only_its_last_quarter_and_a_resumed_run_keeps_its_decay(data_dir, tmp_path, capsys):
     """The default --ema 0.999 spans ~1,000 steps: a 6-step run caps its decay at 1 - 4/6, so the average is of its
     last steps, not of its random start; more --epochs on resume keep the decay the run started with."""
-    flags = [*TINY, "--data-dir", data_dir, "--max-train-samples", 96, "--out", tmp_path / "m.pth",
-             "--log-dir", tmp_path / "runs"]
+    flags = [*TINY, "--data-dir", data_dir, "--max-train-samples", 96, "--out", tmp_path / "m.pth"]
     assert run_main([*flags, "--epochs", 2]) == 0  # 3 steps an epoch
     assert "weight average (decay 0.3333)" in capsys.readouterr().out
     assert load(tmp_path / "m_last.pth")["ema_decay"] == pytest.approx(1 / 3)
@@ -349,6 +348,7 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     (["--dataset", "cifar10"], "--dataset: invalid choice"),
     (["--device", "toaster"], "--device: not a torch device"),
     (["--cuda-graphs", "--compile"], "--cuda-graphs and --compile exclude each other"),
+    (["--out", "results/"], "--out results/ is a folder: name the checkpoint file, e.g. results/vision_mamba2_mnist"),
     (["--arch", "cnn", "--drop-path", "0.1"], "--drop-path belongs to --task/--arch image/mamba2, smnist/mamba2"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
     (["--arch", "resnet"], "argument --arch: invalid choice: 'resnet'"),
@@ -371,7 +371,7 @@ def test_bad_flags_are_one_line_usage_errors(argv, message, capsys):
 ])
 def test_unusable_values_are_one_line_errors_before_the_data_loads(argv, message, tmp_path, capsys):
     """No data where --data-dir points: each of these must be refused before the dataset is looked for."""
-    assert run_main([*TINY, "--data-dir", tmp_path / "nowhere", "--out", tmp_path / "m.pth", "--log-dir", tmp_path,
+    assert run_main([*TINY, "--data-dir", tmp_path / "nowhere", "--out", tmp_path / "m.pth",
                      *argv]) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [err.strip()] and message in err
@@ -416,7 +416,7 @@ def test_errors_in_a_real_process_have_no_traceback(data_dir, tmp_path):
 def test_mixed_precision_run_on_cpu_end_to_end(data_dir, tmp_path, capsys):
     """--amp trains under bf16 autocast (what CUDA does by default); validation and the final test run in fp32, so
     test_model.py finds the accuracy train.py printed for the same checkpoint."""
-    assert run_main([*TINY, "--data-dir", data_dir, "--out", tmp_path / "m.pth", "--log-dir", tmp_path / "runs",
+    assert run_main([*TINY, "--data-dir", data_dir, "--out", tmp_path / "m.pth",
                      "--epochs", 2, "--amp", "--scan", "cross", "--local-conv"]) == 0
     assert "amp bfloat16" in capsys.readouterr().out
     best = load(tmp_path / "m.pth")

@@ -367,13 +367,13 @@ def test_attention_draws_the_figure(checkpoint, data_dir, tmp_path, capsys):  # 
 
 
 # ----------------------------------------------------------------------------------------------------
-# Reading pixel by pixel: a sequential checkpoint's recurrent form
+# Reading pixel by pixel: a sequential checkpoint's accuracy after t pixels, and its recurrent form
 
 @pytest.fixture(scope="module")
 def sequential_checkpoint(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("sequential")
     assert train_in_process(["--task", "smnist", *SEQUENTIAL_FLAGS, "--epochs", "1", "--max-train-samples", "64",
-                             "--data-dir", data_dir, "--out", out / "s.pth", "--log-dir", out / "runs"]) == 0
+                             "--data-dir", data_dir, "--out", out / "s.pth"]) == 0
     return out / "s.pth"
 
 
@@ -384,21 +384,20 @@ def test_a_sequential_checkpoint_is_measured_while_reading(sequential_checkpoint
     reading = json.loads((tmp_path / "metrics.json").read_text())["reading"]
     assert reading["pixels_read"] == [196, 392, 588, 784] and reading["fractions"] == [0.25, 0.5, 0.75, 1.0]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert reading["accuracy"][-1] == reading["parallel_accuracy"] == metrics["accuracy"]
-    assert reading["max_probability_difference"] < 1e-4
+    assert reading["accuracy"][-1] == metrics["accuracy"]  # after every pixel: the model's own forward
+    assert reading["recurrent_images"] == 4 and reading["max_probability_difference"] < 1e-4
     for t, accuracy in zip(reading["pixels_read"], reading["accuracy"]):
         assert f"({t:,} pixels): accuracy {accuracy:.2%}" in out
 
-    # the accuracy after t pixels, from the parallel form instead: the head on the mean of the first t steps' features
+    # the accuracy after t pixels, from the recurrent form instead: Mamba2.step, one pixel at a time
     model = rebuild_model(load(sequential_checkpoint), str(sequential_checkpoint), torch.device("cpu"))
     test = MNIST(data_dir, train=False)
     norm = load(sequential_checkpoint)["normalization"]
     x = (test.data[:, None].float() / 255 - norm["mean"]) / norm["std"]
     with torch.no_grad():
-        features = model.norm(model.features(x))  # (N, L, D), causal: step t saw the pixels before it only
-        for t, accuracy in zip(reading["pixels_read"], reading["accuracy"]):
-            predicted = model.head(features[:, :t].mean(dim=1)).argmax(dim=1)
-            assert (predicted == test.targets).float().mean().item() == pytest.approx(accuracy)
+        recurrent = dict(model.step_logits(x, at=reading["pixels_read"]))
+    for t, accuracy in zip(reading["pixels_read"], reading["accuracy"]):
+        assert (recurrent[t].argmax(dim=1) == test.targets).float().mean().item() == pytest.approx(accuracy)
 
     assert str(tmp_path / "reading.png") in out.splitlines()[-1]  # "wrote ..."
     with Image.open(tmp_path / "reading.png") as png:  # 4 rows: snapshots and curves

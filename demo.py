@@ -207,6 +207,25 @@ def views(reader, shown, query, t):
     return shown.message, seen, top3, panel
 
 
+def model_controls(gr, reader):
+    """(token row, token column, pixels read, the panel they steer): sliders for what this model shows, and
+    Gradio States for what it has not, so that every handler takes all three."""
+    row = col = pixels = gr.State(1)
+    if reader.has_attention:
+        grid = reader.grid
+        gr.Markdown("**Hidden attention**: each block's Mamba-2 scan is y = M x, one matrix M = L ∘ C Bᵀ per "
+                    "head (the SSD as masked attention); shown: |M| averaged over the heads and scan directions.")
+        with gr.Row():
+            row = gr.Slider(1, grid, value=grid // 2 + 1, step=1, label="token row", elem_id="row")
+            col = gr.Slider(1, grid, value=grid // 2 + 1, step=1, label="token column", elem_id="col")
+    if reader.sequential:
+        pixels = gr.Slider(1, reader.model.config.seq_len, value=reader.model.config.seq_len, step=1,
+                           label="pixels read")
+    panel = gr.Image(label="hidden attention" if reader.has_attention else "reading", interactive=False,
+                     visible=reader.has_attention or reader.sequential, elem_id="panel")
+    return row, col, pixels, panel
+
+
 def build_page(reader):
     """The page: Gradio's components, each event wired to the functions above."""
     import gradio as gr  # optional: only the page needs it
@@ -227,20 +246,7 @@ def build_page(reader):
             with gr.Column():
                 top3 = gr.Label(num_top_classes=3, label="the likeliest classes", elem_id="prediction")
                 message = gr.Markdown(START, elem_id="message")
-        row = col = pixels = gr.State(1)  # the controls this model has not: every handler takes all three
-        if reader.has_attention:
-            grid = reader.grid
-            gr.Markdown("**Hidden attention**: each block's Mamba-2 scan is y = M x, one matrix M = L ∘ C Bᵀ per "
-                        "head (the SSD as masked attention); shown: |M| averaged over the heads and scan directions.")
-            with gr.Row():
-                row = gr.Slider(1, grid, value=grid // 2 + 1, step=1, label="token row", elem_id="row")
-                col = gr.Slider(1, grid, value=grid // 2 + 1, step=1, label="token column", elem_id="col")
-        if reader.sequential:
-            pixels = gr.Slider(1, reader.model.config.seq_len, value=reader.model.config.seq_len, step=1,
-                               label="pixels read")
-        panel = gr.Image(label="hidden attention" if reader.has_attention else "reading", interactive=False,
-                         visible=reader.has_attention or reader.sequential, elem_id="panel")
-
+        row, col, pixels, panel = model_controls(gr, reader)
         outputs = [message, seen, top3, panel]
 
         def show(answered, r, c, t):

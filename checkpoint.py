@@ -15,6 +15,7 @@ import dataclasses
 import os
 import pickle
 import textwrap
+import uuid
 import warnings
 
 import torch
@@ -33,11 +34,13 @@ MODELS = {("image", "mamba2"): (VisionMamba2Config, VisionMamba2),
 
 
 def atomic_write(path, write):
-    """write(file) into path.tmp, then os.replace: path is always the old file or the new one, never half."""
+    """write(file) into a temporary file beside path, then os.replace: path is always the old file or the new one,
+    never half. The temporary name is this writer's own, so that two runs writing into one folder (each its
+    training_history.png) never take each other's."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
+    tmp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "xb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())

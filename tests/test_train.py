@@ -427,3 +427,15 @@ def test_mixed_precision_run_on_cpu_end_to_end(data_dir, tmp_path, capsys):
     assert exit_info.value.code == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["accuracy"] == best["metrics"]["test_acc"]
+
+
+def test_two_writers_of_one_file_take_their_own_temporary_files(tmp_path):
+    """Two runs with --out in one folder both write its training_history.png: a writer that finds the other's
+    temporary file must not take it (a shared name crashed the one that renamed second)."""
+    path = tmp_path / "training_history.png"
+
+    def slow_writer(f):
+        checkpoint.atomic_write(str(path), lambda g: g.write(b"the other run's"))  # the other run, meanwhile
+        f.write(b"this run's")
+    checkpoint.atomic_write(str(path), slow_writer)
+    assert path.read_bytes() == b"this run's" and not list(tmp_path.glob("*.tmp"))

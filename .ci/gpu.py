@@ -8,7 +8,6 @@ import json
 import os
 import shlex
 import statistics
-import struct
 import subprocess
 import sys
 import time
@@ -20,7 +19,6 @@ PY = sys.executable
 TOTAL_S = 570  # the whole command: inside a 600 s limit, with time to pack OUT
 KILL_AFTER = 10  # seconds between a step's SIGINT (train.py saves where it stands) and its SIGKILL
 DRY_BUDGET = 240  # a dry run's per step, with no limit in all: it only catches a hang, however busy the CPU
-WHEEL = "mamba-ssm>=2.3.2"  # its bf16-autocast backward compiles, 2.3.1's does not (state-spaces/mamba #854)
 MNIST = [f"{split}-{kind}-ubyte" for split in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")]
 BUDGETS = {"gpu": {"install": 30, "env": 30, "train-default": 270, "test-cuda": 110, "bench-b128": 40,  # seconds
                    "bench-b1024": 40, "train-cuda-graphs": 35, "train-portable-compile": 15},
@@ -96,7 +94,7 @@ def parse(flow, argv):
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (see --help)\n")  # one line, not the usage too
     p.add_argument("out", type=path, help="folder for logs, JSON and outputs (created)")
     p.add_argument("--dry-run", action="store_true", help="the same steps on the CPU at tiny sizes")
-    p.add_argument("--wheels", type=path, help=f"folder of wheels to install mamba-ssm from (else pip's {WHEEL})")
+    p.add_argument("--wheels", type=path, help="folder of wheels to install mamba-ssm from (else: as installed)")
     p.add_argument("--data-dir", type=path, help="torchvision root with MNIST/raw/ (default ./data)")
     p.add_argument("--cache-dir", type=path, default=Path("/tmp/vision-mamba2-gpu"),
                    help="Triton's kernels and autotuning, torch.compile's cache and mamba-ssm, shared by every step")
@@ -123,7 +121,7 @@ def prepare_data(p, args):
         for split, n in [("train", 160), ("t10k", 64)]:
             for kind, magic, array in [("images-idx3", 2051, rng.integers(0, 256, (n, 28, 28))),
                                        ("labels-idx1", 2049, rng.integers(0, 10, n))]:  # the IDX format
-                header = struct.pack(f">I{array.ndim}I", magic, *array.shape)
+                header = np.array([magic, *array.shape], dtype=">u4").tobytes()
                 (raw / f"{split}-{kind}-ubyte").write_bytes(header + array.astype(np.uint8).tobytes())
         return args.out / "data"
     raw = (args.data_dir or REPO / "data") / "MNIST" / "raw"
@@ -134,7 +132,7 @@ def prepare_data(p, args):
 
 def child_env(args):
     """The steps' environment: Triton compiled (not interpreted), one cache for its kernels and autotuning and for
-    torch.compile, mamba-ssm's install first on the path (built without CUDA: Mamba-2 is Triton), unbuffered logs;
+    torch.compile, mamba-ssm's install first on the path, unbuffered logs;
     a dry run as the test suite (one thread, and an unreachable proxy: no download)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not (args.dry_run and
                                                                                  k.lower() == "no_proxy")}
@@ -143,8 +141,8 @@ def child_env(args):
                                                         "http://127.0.0.1:9"))
     return {**env, "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg", "TRITON_CACHE_AUTOTUNING": "1",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(args.cache_dir / "site"), env.get("PYTHONPATH")])),
-            "TRITON_CACHE_DIR": str(args.cache_dir / "triton"), "MAMBA_FORCE_BUILD": "TRUE",
-            "TORCHINDUCTOR_CACHE_DIR": str(args.cache_dir / "inductor"), "MAMBA_SKIP_CUDA_BUILD": "TRUE"}
+            "TRITON_CACHE_DIR": str(args.cache_dir / "triton"),
+            "TORCHINDUCTOR_CACHE_DIR": str(args.cache_dir / "inductor")}
 
 
 def describe_environment(path):
@@ -162,7 +160,6 @@ def describe_environment(path):
                 **{p: next((d.version for d in metadata.distributions(name=p)), None) for p in ("triton", "mamba_ssm")},
                 backend_auto=describe_backend("auto", "cuda" if cuda else "cpu"))
     write_json(path, info)
-    print(json.dumps(info, indent=2))
 
 
 def train_result(path):
@@ -285,9 +282,11 @@ def summarize(steps):
 def main(flow, argv):
     p, args = parse(flow, argv)
     steps, plan = Steps(flow, args), gpu_plan(args) if flow == "gpu" else sequential_plan(args)
-    wheels = ["-q", "--no-index", "--upgrade", "--target", args.cache_dir / "site", *args.wheels.glob("*.whl")] \
-        if args.wheels else ["--no-build-isolation", WHEEL]
-    steps.run("install", [PY, "-m", "pip", "install", "--no-deps", *wheels])
+    if args.wheels:  # into the cache, which child_env puts first on the steps' path
+        steps.run("install", [PY, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--upgrade", "--target",
+                              args.cache_dir / "site", *args.wheels.glob("*.whl")])
+    else:
+        steps.run("install", skip="no --wheels: mamba-ssm as installed")
     steps.run("env", [PY, __file__, "env", args.out / "env.json"], output=args.out / "env.json")
     if not args.dry_run and not (steps.result("env") or {}).get("gpu"):
         p.error(f"no CUDA GPU here (see {args.out / 'env.log'}): on a CPU, run with --dry-run")

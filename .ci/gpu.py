@@ -132,8 +132,8 @@ def prepare_data(p, args):
 
 def child_env(args):
     """The steps' environment: Triton compiled (not interpreted), one cache for its kernels and autotuning and for
-    torch.compile, mamba-ssm's install first on the path, unbuffered logs;
-    a dry run as the test suite (one thread, and an unreachable proxy: no download)."""
+    torch.compile, --wheels' mamba-ssm first on the path, unbuffered logs; a dry run as the test suite (one thread,
+    and an unreachable proxy: no download)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not (args.dry_run and
                                                                                  k.lower() == "no_proxy")}
     if args.dry_run:
@@ -155,11 +155,11 @@ def describe_environment(path):
     from vision_mamba2 import describe_backend
 
     cuda = torch.cuda.is_available()
-    info = dict(gpu=torch.cuda.get_device_name(0) if cuda else None, torch=torch.__version__,
-                torch_cuda=torch.version.cuda, python=platform.python_version(), cpus=os.cpu_count(),
-                **{p: next((d.version for d in metadata.distributions(name=p)), None) for p in ("triton", "mamba_ssm")},
-                backend_auto=describe_backend("auto", "cuda" if cuda else "cpu"))
-    write_json(path, info)
+    write_json(path, dict(gpu=torch.cuda.get_device_name(0) if cuda else None, torch=torch.__version__,
+                          torch_cuda=torch.version.cuda, python=platform.python_version(), cpus=os.cpu_count(),
+                          **{p: next((d.version for d in metadata.distributions(name=p)), None)
+                             for p in ("triton", "mamba_ssm")},
+                          backend_auto=describe_backend("auto", "cuda" if cuda else "cpu")))
 
 
 def train_result(path):

@@ -197,8 +197,8 @@ def pytest_result(path):
 
 
 def train_step(out, flags, args):
-    return dict(cmd=[PY, "train.py", *flags, "--data-dir", args.data, "--out", out, "--log-dir", out.parent / "runs"],
-                output=out.with_suffix(".json"), read=train_result)
+    return dict(cmd=[PY, "train.py", *flags, "--data-dir", args.data, "--out", out], output=out.with_suffix(".json"),
+                read=train_result)
 
 
 def gpu_plan(args):

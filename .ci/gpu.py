@@ -1,11 +1,6 @@
 """
-What only a CUDA GPU measures, in one command of at most TOTAL_S seconds (run through .ci/gpu and .ci/gpu-sequential;
-steps, budgets, the offline command and why: docs/gpu.md). The steps run one after another, each until a deadline,
-the sum of its and the earlier steps' budgets: time a step leaves goes to the later ones, and a step past its
-deadline is cut with SIGINT and keeps what it wrote. Results come from the files each step writes (train.py's
-NAME.json beside --out, or its NAME_last.pth when cut; bench.py --json; pytest --junitxml; test_model.py's
-metrics.json), never from logs. OUT/summary.json is rewritten after every step; the exit status is 1 when a step
-failed or a measurement is missing.
+What only a CUDA GPU measures, in one command of at most TOTAL_S seconds: `gpu` (.ci/gpu) and `gpu-sequential`
+(.ci/gpu-sequential). Steps, budgets, OUT/summary.json and the design: docs/gpu.md.
 """
 
 import argparse
@@ -13,7 +8,6 @@ import json
 import os
 import shlex
 import statistics
-import struct
 import subprocess
 import sys
 import time
@@ -21,21 +15,17 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # vision_mamba2, for the env step
 PY = sys.executable
 TOTAL_S = 570  # the whole command: inside a 600 s limit, with time to pack OUT
 KILL_AFTER = 10  # seconds between a step's SIGINT (train.py saves where it stands) and its SIGKILL
 DRY_BUDGET = 240  # a dry run's per step, with no limit in all: it only catches a hang, however busy the CPU
-WHEEL = "mamba-ssm==2.3.2.post1"  # >= 2.3.2: its bf16-autocast backward compiles (state-spaces/mamba #854)
-MNIST = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+MNIST = [f"{split}-{kind}-ubyte" for split in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")]
+BUDGETS = {"gpu": {"install": 30, "env": 30, "train-default": 270, "test-cuda": 110, "bench-b128": 40,  # seconds
+                   "bench-b1024": 40, "train-cuda-graphs": 35, "train-portable-compile": 15},
+           "gpu-sequential": {"install": 30, "env": 30, "train-smnist": 265, "eval-smnist": 40, "train-psmnist": 165,
+                              "eval-psmnist": 40}}
 # the default model at a dry run's size: what a dry run checks is the command lines and the files, not the model
-TINY = ["--device", "cpu", "--max-train-samples", "64", "--batch-size", "32", "--d-model", "16",
-        "--num-blocks", "1"]
-# seconds; install includes checking whether mamba-ssm already imports (torch, mamba-ssm, a first kernel call)
-CHECKS = {"install": 30, "env": 30, "train-default": 270, "test-cuda": 110, "bench-b128": 40, "bench-b1024": 40,
-          "train-cuda-graphs": 35, "train-portable-compile": 15}
-SEQUENTIAL = {"install": 30, "env": 30, "train-smnist": 265, "eval-smnist": 40, "train-psmnist": 165,
-              "eval-psmnist": 40}
+TINY = ["--device", "cpu", "--max-train-samples", "64", "--batch-size", "32", "--d-model", "16", "--num-blocks", "1"]
 # the variants: 2 epochs (the first compiles or captures), no smaller last batch (156 x 128, 20 x 256)
 SHORT = ["--epochs", "2", "--max-train-samples", "19968"]
 
@@ -50,49 +40,45 @@ def read_json(path):
 
 
 class Steps:
-    """Runs the steps one by one, each under `timeout` until its deadline, and rewrites OUT/summary.json after each
-    (summarize() returns the summary and what it must hold: (name, value) pairs)."""
+    """Runs the steps one by one and rewrites OUT/summary.json after each."""
 
-    def __init__(self, args, budgets, summarize):
-        self.args, self.budgets, self.summarize, self.env = args, budgets, summarize, child_env(args)
+    def __init__(self, flow, args):
+        self.flow, self.args, self.env = flow, args, child_env(args)
         self.t0, self.planned, self.records = time.monotonic(), 0, {}
 
-    def run(self, name, cmd, *, expect=0, env=None, log=None, result=None):
-        cmd, log = [str(c) for c in cmd], log or self.args.out / f"{name}.log"
-        self.planned += self.budgets[name]
+    def run(self, name, cmd=None, *, skip=None, output=None, read=read_json):
+        """cmd until its deadline, then SIGINT and SIGKILL, and read(output) once it ended, cut or not (output is
+        deleted first: never an earlier call's numbers); or skipped, `skip` says why. Time a step leaves, skipped or
+        not, goes to the later ones."""
+        self.planned += BUDGETS[self.flow][name]
         timeout = DRY_BUDGET if self.args.dry_run else \
             int(min(self.planned, TOTAL_S - KILL_AFTER) - (time.monotonic() - self.t0))
-        record = dict(command=shlex.join(cmd), budget_s=self.budgets[name], log=os.path.relpath(log, self.args.out))
-        if timeout < 5:
-            return self.finish(name, dict(record, status="no time", why=f"no time left of the {TOTAL_S} s"))
-        with open(log, "w") as f:
-            f.write(f"$ {record['command']}\n")
-            f.flush()
-            start = time.monotonic()
-            rc = subprocess.run(["timeout", "-s", "INT", "-k", str(KILL_AFTER), str(timeout), *cmd], cwd=REPO,
-                                env={**self.env, **(env or {})}, stdout=f, stderr=subprocess.STDOUT).returncode
-        # timeout exits 124 after its SIGINT, 137 (or -9, itself killed) after its SIGKILL
-        status = "ok" if rc == expect else "cut" if rc in (124, 137, -9) else "failed"
-        return self.finish(name, dict(record, rc=rc, expected_rc=expect, seconds=round(time.monotonic() - start, 1),
-                                      status=status, why=f"rc {rc}, of {timeout} s", result=result and result()))
-
-    def skip(self, name, why):
-        self.planned += self.budgets[name]  # its time goes to the next steps
-        return self.finish(name, dict(status="skipped", why=why))
-
-    def finish(self, name, record):
-        self.records[name] = record
+        if skip or timeout < 5:
+            record = dict(status="skipped" if skip else "no time", why=skip or f"no time left of the {TOTAL_S} s")
+        else:
+            cmd, log = [str(c) for c in cmd], self.args.out / f"{name}.log"
+            if output:
+                output.unlink(missing_ok=True)
+            with open(log, "w") as f:
+                print(f"$ {shlex.join(cmd)}", file=f, flush=True)
+                start = time.monotonic()
+                rc = subprocess.run(["timeout", "-s", "INT", "-k", str(KILL_AFTER), str(timeout), *cmd], cwd=REPO,
+                                    env=self.env, stdout=f, stderr=subprocess.STDOUT).returncode
+            # timeout exits 124 after its SIGINT, 137 (or -9, itself killed) after its SIGKILL
+            status = "ok" if rc == 0 else "cut" if rc in (124, 137, -9) else "failed"
+            record = dict(command=shlex.join(cmd), log=log.name, status=status, why=f"rc {rc}, of {timeout} s",
+                          seconds=round(time.monotonic() - start, 1), result=output and read(output))
+        self.records[name] = dict(record, budget_s=BUDGETS[self.flow][name])
         print(f"[{time.monotonic() - self.t0:4.0f} s] {name}: {record['status']} ({record.get('seconds', '-')} s; "
               f"{record['why']})", flush=True)
-        return self.settle()
+        self.settle(done=False)
 
     def result(self, name):
         return self.records.get(name, {}).get("result")
 
-    def settle(self):
-        """The summary, with the steps, what is not ok and what is missing, and whether all is well."""
-        summary, wanted = self.summarize()
-        done = all(name in self.records for name in self.budgets)
+    def settle(self, *, done=True):
+        """OUT/summary.json: the measurements, the steps, those not ok, what is missing (once all ran), and `ok`."""
+        summary, wanted = summarize(self)
         summary.update(wall_s=round(time.monotonic() - self.t0, 1), steps=self.records,
                        not_ok_steps={n: r["status"] for n, r in self.records.items()
                                      if r["status"] in ("failed", "cut", "no time")},
@@ -102,33 +88,31 @@ class Steps:
         return summary
 
 
-def parse(prog, argv, add):
-    p = argparse.ArgumentParser(prog=prog, description=f"{prog}: see docs/gpu.md")
-    p.add_argument("out", type=Path, help="folder for logs, JSON and outputs (created)")
+def parse(flow, argv):
+    path = lambda text: Path(text).resolve()  # noqa: E731 (absolute: the steps run from the repository)
+    p = argparse.ArgumentParser(prog=f".ci/{flow}", description="see docs/gpu.md")
+    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (see --help)\n")  # one line, not the usage too
+    p.add_argument("out", type=path, help="folder for logs, JSON and outputs (created)")
     p.add_argument("--dry-run", action="store_true", help="the same steps on the CPU at tiny sizes")
-    p.add_argument("--wheels", type=Path, help=f"folder of wheels to install mamba-ssm from, offline (else {WHEEL} "
-                                               "from PyPI)")
-    p.add_argument("--data-dir", type=Path, help="torchvision root with MNIST/raw/ (default ./data; dry run: "
-                                                 "random digits in OUT)")
-    p.add_argument("--cache-dir", type=Path, default=Path("/tmp/vision-mamba2-gpu"),
+    p.add_argument("--wheels", type=path, help="folder of wheels to install mamba-ssm from (else: as installed)")
+    p.add_argument("--data-dir", type=path, help="torchvision root with MNIST/raw/ (default ./data)")
+    p.add_argument("--cache-dir", type=path, default=Path("/tmp/vision-mamba2-gpu"),
                    help="Triton's kernels and autotuning, torch.compile's cache and mamba-ssm, shared by every step")
-    add(p)
+    choices = list(BUDGETS[flow])[2:] if flow == "gpu" else ["smnist", "psmnist"]
+    p.add_argument("--steps" if flow == "gpu" else "--tasks", type=lambda text: text.split(","), default=choices,
+                   help=f"some of {','.join(choices)}, comma-separated, in this order")
+    if flow == "gpu-sequential":
+        p.add_argument("--epochs", type=int, default=None, help="epochs per task (default: 10; dry run: 1)")
     args = p.parse_args(argv)
-    for key in ("out", "wheels", "data_dir", "cache_dir"):  # absolute: the steps run from the repository
-        if getattr(args, key) is not None:
-            setattr(args, key, getattr(args, key).resolve())
+    if unknown := set(args.steps if flow == "gpu" else args.tasks) - set(choices):
+        p.error(f"unknown {sorted(unknown)[0]!r}: choose from {','.join(choices)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    args.data = prepare_data(args)
+    args.cold = not any((args.cache_dir / "triton").glob("*"))
+    args.data = prepare_data(p, args)
     return p, args
 
 
-def fail(message):
-    """What these steps cannot use (input, machine): one line, exit status 2."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def prepare_data(args):
+def prepare_data(p, args):
     """The MNIST root the steps read: --data-dir or ./data (checked), or for a dry run random digits in OUT."""
     if args.dry_run and args.data_dir is None:
         import numpy as np
@@ -137,20 +121,19 @@ def prepare_data(args):
         for split, n in [("train", 160), ("t10k", 64)]:
             for kind, magic, array in [("images-idx3", 2051, rng.integers(0, 256, (n, 28, 28))),
                                        ("labels-idx1", 2049, rng.integers(0, 10, n))]:  # the IDX format
-                header = struct.pack(f">I{array.ndim}I", magic, *array.shape)
+                header = np.array([magic, *array.shape], dtype=">u4").tobytes()
                 (raw / f"{split}-{kind}-ubyte").write_bytes(header + array.astype(np.uint8).tobytes())
         return args.out / "data"
     raw = (args.data_dir or REPO / "data") / "MNIST" / "raw"
-    missing = [f for f in MNIST if not (raw / f).exists() and not (raw / f"{f}.gz").exists()]
-    if missing:
-        fail(f"MNIST is not in {raw}{os.sep} (no {', '.join(missing)}, .gz or not): pass --data-dir")
+    if missing := [f for f in MNIST if not (raw / f).exists() and not (raw / f"{f}.gz").exists()]:
+        p.error(f"MNIST is not in {raw}{os.sep} (no {', '.join(missing)}, .gz or not): pass --data-dir")
     return raw.parents[1]
 
 
 def child_env(args):
     """The steps' environment: Triton compiled (not interpreted), one cache for its kernels and autotuning and for
-    torch.compile, mamba-ssm's install on the path, unbuffered logs; a dry run as the test suite (one thread, and an
-    unreachable proxy: no download)."""
+    torch.compile, --wheels' mamba-ssm first on the path, unbuffered logs; a dry run as the test suite (one thread,
+    and an unreachable proxy: no download)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not (args.dry_run and
                                                                                  k.lower() == "no_proxy")}
     if args.dry_run:
@@ -162,43 +145,26 @@ def child_env(args):
             "TORCHINDUCTOR_CACHE_DIR": str(args.cache_dir / "inductor")}
 
 
-def prepare(steps, args):
-    """mamba-ssm (from --wheels into <cache-dir>/site, else PyPI; skipped when it imports), then OUT/env.json."""
-    check = [PY, "-c", "import sys, vision_mamba2; sys.exit(vision_mamba2.load_official_kernels() is None)"]
-    if subprocess.run(check, cwd=REPO, env=steps.env, capture_output=True, timeout=120).returncode == 0:
-        steps.skip("install", "mamba-ssm already imports")
-    elif args.wheels:
-        steps.run("install", [PY, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--upgrade", "--target",
-                              args.cache_dir / "site", *sorted(args.wheels.glob("*.whl"))])
-    else:  # no CUDA build (Mamba-2 is Triton), no download of a prebuilt wheel; torch is already here
-        steps.run("install", [PY, "-m", "pip", "install", "--no-build-isolation", "--no-deps", WHEEL],
-                  env={"MAMBA_FORCE_BUILD": "TRUE", "MAMBA_SKIP_CUDA_BUILD": "TRUE"})
-    steps.run("env", [PY, __file__, "env", args.out / "env.json"])
-    if not args.dry_run and not read_json(args.out / "env.json").get("gpu"):
-        fail(f"no CUDA GPU here (see {args.out / 'env.log'}): on a CPU, run with --dry-run")
-
-
 def describe_environment(path):
     """OUT/env.json: the GPU, the versions, and which Mamba-2 backend `auto` picks and why (subcommand `env`)."""
     import importlib.metadata as metadata
     import platform
 
     import torch
+    sys.path.insert(0, str(REPO))
     from vision_mamba2 import describe_backend
 
     cuda = torch.cuda.is_available()
-    info = dict(gpu=torch.cuda.get_device_name(0) if cuda else None, torch=torch.__version__,
-                torch_cuda=torch.version.cuda, python=platform.python_version(), cpus=os.cpu_count(),
-                **{p: next((d.version for d in metadata.distributions(name=p)), None) for p in ("triton", "mamba_ssm")},
-                backend_auto=describe_backend("auto", "cuda" if cuda else "cpu"),
-                **{k: os.environ.get(k) for k in ("TRITON_CACHE_DIR", "TRITON_CACHE_AUTOTUNING", "PYTHONPATH")})
-    write_json(path, info)
-    print(json.dumps(info, indent=2))
+    write_json(path, dict(gpu=torch.cuda.get_device_name(0) if cuda else None, torch=torch.__version__,
+                          torch_cuda=torch.version.cuda, python=platform.python_version(), cpus=os.cpu_count(),
+                          **{p: next((d.version for d in metadata.distributions(name=p)), None)
+                             for p in ("triton", "mamba_ssm")},
+                          backend_auto=describe_backend("auto", "cuda" if cuda else "cpu")))
 
 
-def train_result(out):
-    """What train.py --out `out` left: NAME.json once it finished, else (cut) its last checkpoint's history."""
-    done, last = read_json(out.with_suffix(".json")), out.with_name(f"{out.stem}_last.pth")
+def train_result(path):
+    """What train.py wrote to NAME.json once it finished, else (cut) to its last checkpoint NAME_last.pth."""
+    done, last = read_json(path), path.with_name(f"{path.stem}_last.pth")
     if not done and last.exists():
         import torch
         ckpt = torch.load(last, map_location="cpu", weights_only=True)
@@ -217,8 +183,7 @@ def train_result(out):
 def bench_result(path):
     """The default model's rows of a bench.py models --json file (written row by row: a cut run keeps its rows)."""
     rows = read_json(path).get("sections", {}).get("models")
-    return [{k: row[k] for k in ("backend", "mode", "batch", "train_img_s", "infer_img_s", "peak_mib", "failed")}
-            for row in (rows if isinstance(rows, list) else []) if row["model"] == "Vision Mamba 2"]
+    return [row for row in (rows if isinstance(rows, list) else []) if row["model"] == "Vision Mamba 2"]
 
 
 def pytest_result(path):
@@ -231,139 +196,110 @@ def pytest_result(path):
     return dict(passed=[n for n in cases if n not in failed and n not in skipped], failed=failed, skipped=skipped)
 
 
-def checks_summary(steps, args):
-    default = steps.result("train-default") or {}
-    speeds = [(res["steady_img_per_s"], res["batch_size"], name) for name in CHECKS if name.startswith("train-")
-              for res in [steps.result(name)] if res and res["steady_img_per_s"]]
-    rows = [row for name in ("bench-b128", "bench-b1024") for row in steps.result(name) or [] if row["train_img_s"]]
-    speeds += [(round(row["train_img_s"]), row["batch"], f"bench.py, {row['backend']}, {row['mode']}") for row in rows]
+def train_step(out, flags, args):
+    return dict(cmd=[PY, "train.py", *flags, "--data-dir", args.data, "--out", out], output=out.with_suffix(".json"),
+                read=train_result)
+
+
+def gpu_plan(args):
+    """.ci/gpu's steps after install and env, as Steps.run's keywords; a dry run without CUDA graphs or compiling."""
+    dry, out, xml = args.dry_run, args.out, args.out / "test-cuda.xml"
+    train = lambda name, flags: train_step(out / name / "vision_mamba2_mnist.pth", flags, args)  # noqa: E731
+    bench = lambda b: ["--device", "cpu", "--batch-size", b // 64, "--repeats", 1, "--seq-batch-size", 1] if dry \
+        else ["--batch-size", b, "--cuda-graphs"]  # noqa: E731
+    plan = {"train-default": train("train-default", TINY + ["--epochs", "2"] if dry else []),
+            "test-cuda": dict(cmd=[PY, "-m", "pytest", "tests/test_cuda.py", "-q", "-rs", f"--junitxml={xml}"],
+                              output=xml, read=pytest_result),
+            **{f"bench-b{b}": dict(cmd=[PY, "bench.py", "models", *bench(b), "--json", out / f"bench-b{b}.json"],
+                                   output=out / f"bench-b{b}.json", read=bench_result) for b in (128, 1024)},
+            "train-cuda-graphs": train("train-cuda-graphs", TINY if dry else ["--cuda-graphs", *SHORT]),
+            "train-portable-compile": dict(skip="dry run: torch.compile takes minutes on a CPU") if dry else
+            train("train-portable-compile", ["--backend", "portable", "--compile", *SHORT])}
+    return {name: plan[name] for name in args.steps}
+
+
+def sequential_plan(args):
+    """.ci/gpu-sequential's steps after install and env: each task trained (resumed from its last checkpoint if OUT
+    holds one: cut in an earlier call), then evaluated by test_model.py."""
+    epochs = ["--epochs", args.epochs or (1 if args.dry_run else 10)]
+    # a dry run cannot wait for torch.compile on a CPU: the same runs without it, tiny
+    recipe = ["--backend", "portable", *(TINY + ["--d-state", "16", "--headdim", "8"] if args.dry_run else
+                                         ["--compile"])]
+    again = ["--device", "cpu"] if args.dry_run else ["--compile"]  # runtime flags a resumed run needs again
+    # on the GPU the whole test set in one batch of the recurrent reading pass (16 x --batch-size): its 784 steps
+    # cost their kernel launches, not their images
+    size = ["--device", "cpu"] if args.dry_run else ["--batch-size", "640"]
+    plan = {}
+    for task in args.tasks:
+        out = args.out / task / f"vision_mamba2_{task}.pth"
+        last = out.with_name(f"{out.stem}_last.pth")
+        flags = ["--resume", last, *again] if last.exists() else ["--task", task, *recipe]
+        plan[f"train-{task}"] = train_step(out, [*flags, *epochs], args)
+        plan[f"eval-{task}"] = dict(cmd=[PY, "test_model.py", "--checkpoint", out, "--data-dir", args.data,
+                                         "--out-dir", out.parent, *size], output=out.parent / "metrics.json")
+    return plan
+
+
+def summarize(steps):
+    """summary.json's measurements, and what must be measured: (name, value) pairs."""
+    args, records, result, env = steps.args, steps.records, steps.result, steps.result("env") or {}
+    summary = dict(gpu=env.get("gpu"), backend_auto=env.get("backend_auto"), dry_run=args.dry_run,
+                   triton_cache_was_empty=args.cold)
+    wanted = [(k, summary[k]) for k in ["backend_auto", *([] if args.dry_run else ["gpu"])]]
+    if steps.flow == "gpu-sequential":
+        for task in args.tasks:
+            evaluated = result(f"eval-{task}") or {}
+            summary[task] = dict(result(f"train-{task}") or {}, test_model_acc=evaluated.get("accuracy"),
+                                 resumed="--resume" in records.get(f"train-{task}", {}).get("command", ""),
+                                 reading=evaluated.get("reading"))
+            wanted += [(f"{task}: {k}", summary[task].get(k)) for k in ("test_acc", "test_model_acc")]
+        return summary, wanted
+    default = result("train-default") or {}
+    speeds = [(res["steady_img_per_s"], f"{name}, batch {res['batch_size']}") for name in records
+              if name.startswith("train-") for res in [result(name)] if res and res["steady_img_per_s"]]
+    rows = [row for name in ("bench-b128", "bench-b1024") for row in result(name) or [] if row["train_img_s"]]
+    speeds += [(round(r["train_img_s"]), f"bench.py, {r['backend']}, {r['mode']}, batch {r['batch']}") for r in rows]
     by = {(row["backend"], row["mode"], row["batch"]): row["train_img_s"] for row in rows}
     ratios = {f"batch {batch}, {mode}": round(by[b, mode, batch] / by["portable", mode, batch], 2)
               for b, mode, batch in by if b == "official" and ("portable", mode, batch) in by}
-    best = max(speeds, default=(None, None, None))
+    best = max(speeds, default=(None, None))
     # end to end: the process's wall time, from its start to the test accuracy
-    wall = steps.records.get("train-default", {}).get("seconds") if "test_acc" in default else None
-    env = read_json(args.out / "env.json")
-    summary = dict(gpu=env.get("gpu"), backend_auto=env.get("backend_auto"), dry_run=args.dry_run,
-                   train_wall_s=wall, test_acc=default.get("test_acc"), default_run=default,
-                   train_img_per_s=best[0], train_img_per_s_batch_size=best[1], train_img_per_s_source=best[2],
-                   official_over_portable=ratios, tests=steps.result("test-cuda"), triton_cache_was_empty=args.cold)
-    summary["goals"] = {"python train.py end to end (s)": goal(wall, "<= 60", lambda v: v <= 60),
-                        "its test accuracy": goal(summary["test_acc"], ">= 0.995", lambda v: v >= 0.995),
-                        "official / portable training img/s, batch 128, eager": goal(
-                            ratios.get("batch 128, eager"), ">= 2", lambda v: v >= 2),
-                        "training img/s, best setting": goal(best[0], ">= 50000", lambda v: v >= 50000)}
-    wanted = ["backend_auto", "train_wall_s", "test_acc", "train_img_per_s",
-              *(["tests"] if "test-cuda" in steps.budgets else []),
-              *([] if args.dry_run else ["gpu", "official_over_portable"])]
-    return summary, [(k, summary[k]) for k in wanted]
+    wall = records.get("train-default", {}).get("seconds") if "test_acc" in default else None
+    summary.update(train_wall_s=wall, test_acc=default.get("test_acc"), default_run=default,
+                   train_img_per_s=best[0], train_img_per_s_source=best[1],
+                   official_over_portable=ratios, tests=result("test-cuda"))
+    goals = [("python train.py end to end (s)", wall, "<=", 60), ("its test accuracy", summary["test_acc"], ">=", .995),
+             ("official / portable training img/s, batch 128, eager", ratios.get("batch 128, eager"), ">=", 2),
+             ("training img/s, best setting", best[0], ">=", 50000)]
+    summary["goals"] = {what: dict(value=v, goal=f"{op} {target}", met=None if v is None else
+                                   v <= target if op == "<=" else v >= target) for what, v, op, target in goals}
+    wanted += [(k, summary[k]) for k in ["train_wall_s", "test_acc", "train_img_per_s",
+                                         *(["tests"] if "test-cuda" in args.steps else []),
+                                         *([] if args.dry_run else ["official_over_portable"])]]
+    return summary, wanted
 
 
-def goal(value, target, met):
-    return dict(value=value, goal=target, met=None if value is None else met(value))
-
-
-def checks(argv):
-    p, args = parse(".ci/gpu", argv, lambda p: p.add_argument(
-        "--steps", default=",".join(CHECKS), help=f"comma-separated, run in this order: {','.join(CHECKS)}"))
-    asked, dry = args.steps.split(","), args.dry_run
-    if set(asked) - set(CHECKS):
-        p.error(f"unknown step {sorted(set(asked) - set(CHECKS))[0]!r}: choose from {', '.join(CHECKS)}")
-    args.cold = not any((args.cache_dir / "triton").glob("*"))
-    budgets = {n: b for n, b in CHECKS.items() if n in asked or n in ("install", "env")}
-    steps = Steps(args, budgets, lambda: checks_summary(steps, args))
-
-    def train(name, flags, **kw):
-        out = args.out / name / "vision_mamba2_mnist.pth"
-        out.with_suffix(".json").unlink(missing_ok=True)  # never read an earlier call's numbers
-        steps.run(name, [PY, "train.py", *flags, "--data-dir", args.data, "--out", out, "--log-dir",
-                         args.out / name / "runs"], result=lambda: train_result(out), **kw)
-
-    prepare(steps, args)
-    for name in budgets:
-        if name == "train-default":
-            train(name, TINY + ["--epochs", "2"] if dry else [])
-        elif name == "test-cuda":
-            xml = args.out / "test-cuda.xml"
-            steps.run(name, [PY, "-m", "pytest", "tests/test_cuda.py", "-q", "-rs", f"--junitxml={xml}"],
-                      result=lambda: pytest_result(xml))
-        elif name.startswith("bench-"):  # a dry run: no CUDA graphs
-            path, batch = args.out / f"{name}.json", int(name.removeprefix("bench-b"))
-            size = ["--device", "cpu", "--batch-size", batch // 64, "--repeats", 1, "--seq-batch-size", 1] if dry else \
-                ["--batch-size", batch, "--cuda-graphs"]
-            steps.run(name, [PY, "bench.py", "models", *size, "--json", path],
-                      result=lambda: bench_result(path))
-        elif name == "train-cuda-graphs":  # a dry run: train.py must refuse it on a CPU (exit status 2)
-            train(name, ["--cuda-graphs", *(TINY if dry else SHORT)], expect=2 if dry else 0)
-        elif name == "train-portable-compile" and dry:
-            steps.skip(name, "dry run: torch.compile takes minutes on a CPU")
-        elif name == "train-portable-compile":
-            train(name, ["--backend", "portable", "--compile", *SHORT])
-    return report(steps.settle())
-
-
-def sequential_summary(steps, args):
-    env = read_json(args.out / "env.json")
-    summary = dict(gpu=env.get("gpu"), backend_auto=env.get("backend_auto"), dry_run=args.dry_run,
-                   epochs=args.epochs, recipe=shlex.join(args.recipe))
-    for task in args.tasks:
-        evaluated = read_json(args.out / task / "metrics.json") \
-            if steps.records.get(f"eval-{task}", {}).get("status") == "ok" else {}  # never an earlier call's
-        summary[task] = dict(steps.result(f"train-{task}") or {}, resumed=args.resumed[task],
-                             test_model_acc=evaluated.get("accuracy"), reading=evaluated.get("reading"))
-    wanted = [(k, summary[k]) for k in ["backend_auto", *([] if args.dry_run else ["gpu"])]]
-    return summary, wanted + [(f"{t}: {k}", summary[t].get(k)) for t in args.tasks for k in ("test_acc",
-                                                                                           "test_model_acc")]
-
-
-def sequential(argv):
-    def add(p):
-        p.add_argument("--epochs", type=int, default=None, help="epochs per task (default: 10; dry run: 1)")
-        p.add_argument("--tasks", default="smnist,psmnist", help="comma-separated, in this order")
-
-    p, args = parse(".ci/gpu-sequential", argv, add)
-    args.tasks = args.tasks.split(",")
-    if set(args.tasks) - {"smnist", "psmnist"}:
-        p.error("--tasks: choose from smnist, psmnist")
-    args.epochs = args.epochs or (1 if args.dry_run else 10)
-    # a dry run cannot wait for torch.compile on a CPU: the same runs without it, tiny
-    args.recipe = ["--backend", "portable", *(TINY + ["--d-state", "16", "--headdim", "8"] if args.dry_run
-                                              else ["--compile"])]
-    again = ["--device", "cpu"] if args.dry_run else ["--compile"]  # runtime flags a resumed run needs again
-    outs = {task: args.out / task / f"vision_mamba2_{task}.pth" for task in args.tasks}
-    lasts = {task: out.with_name(f"{out.stem}_last.pth") for task, out in outs.items()}
-    args.resumed = {task: last.exists() for task, last in lasts.items()}  # cut in an earlier call: goes on from there
-    budgets = {n: b for n, b in SEQUENTIAL.items() if n in ("install", "env") or n.split("-")[1] in args.tasks}
-    steps = Steps(args, budgets, lambda: sequential_summary(steps, args))
-    prepare(steps, args)
-    for task in args.tasks:
-        folder, out, last = args.out / task, outs[task], lasts[task]
-        folder.mkdir(exist_ok=True)
-        out.with_suffix(".json").unlink(missing_ok=True)
-        flags = ["--resume", last, *again] if last.exists() else ["--task", task, *args.recipe]
-        steps.run(f"train-{task}", [PY, "train.py", *flags, "--epochs", args.epochs, "--data-dir", args.data, "--out",
-                                    out, "--log-dir", folder / "runs"], log=folder / "train.log",
-                  result=lambda out=out: train_result(out))
-        if not out.exists():
-            steps.skip(f"eval-{task}", "training wrote no checkpoint to evaluate")
-            continue
-        # on the GPU the whole test set in one batch of the recurrent reading pass (16 x --batch-size): its 784
-        # steps cost their kernel launches, not their images
-        size = ["--device", "cpu"] if args.dry_run else ["--batch-size", "640"]
-        steps.run(f"eval-{task}", [PY, "test_model.py", "--checkpoint", out, "--data-dir", args.data, "--out-dir",
-                                   folder, *size], log=folder / "eval.log")
-    return report(steps.settle())
-
-
-def report(summary):
+def main(flow, argv):
+    p, args = parse(flow, argv)
+    steps, plan = Steps(flow, args), gpu_plan(args) if flow == "gpu" else sequential_plan(args)
+    if args.wheels:  # into the cache, which child_env puts first on the steps' path
+        steps.run("install", [PY, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--upgrade", "--target",
+                              args.cache_dir / "site", *args.wheels.glob("*.whl")])
+    else:
+        steps.run("install", skip="no --wheels: mamba-ssm as installed")
+    steps.run("env", [PY, __file__, "env", args.out / "env.json"], output=args.out / "env.json")
+    if not args.dry_run and not (steps.result("env") or {}).get("gpu"):
+        p.error(f"no CUDA GPU here (see {args.out / 'env.log'}): on a CPU, run with --dry-run")
+    for name, step in plan.items():
+        steps.run(name, **step)
+    summary = steps.settle()
     print(f"summary.json: {'ok' if summary['ok'] else 'NOT ok'}; steps not ok: {summary['not_ok_steps'] or 'none'}; "
           f"missing: {summary['missing'] or 'none'}")
     return 0 if summary["ok"] else 1
 
 
 if __name__ == "__main__":
-    command, argv = sys.argv[1], sys.argv[2:]
-    if command == "env":
-        describe_environment(argv[0])
+    if sys.argv[1] == "env":
+        describe_environment(sys.argv[2])
     else:
-        sys.exit({"checks": checks, "sequential": sequential}[command](argv))
+        sys.exit(main(sys.argv[1], sys.argv[2:]))

@@ -86,7 +86,7 @@ def add_config_flags(group, config_cls, *, every_field=False):
         if f.type is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif "choices" in f.metadata:
-            group.add_argument(flag, choices=f.metadata["choices"], **kwargs)
+            group.add_argument(flag, choices=f.metadata["choices"], type=int if f.type is int else str, **kwargs)
         else:
             kind = {int: int_at_least(1), float: float_in(0, 1, hi_open=True)}.get(f.type, int_at_least(0))
             group.add_argument(flag, type=kind, **kwargs)

@@ -41,10 +41,11 @@ BACKENDS = ("auto", "official", "portable")
 READOUTS = ("mean", "last")  # SequentialMamba2's summary of the sequence: average over all steps, or the last
 
 
-def knob(default, help, **argparse_kwargs):
+def knob(default, help, **metadata):
     """A config field with a help line: train.py and `python vision_mamba2.py` make it a flag (cli.add_config_flags);
-    fields without one are set from the data or not worth a flag."""
-    return dataclasses.field(default=default, metadata={"help": help, **argparse_kwargs})
+    fields without one are set from the data or not worth a flag. metadata: `choices`, the values allowed; `absent`,
+    what a checkpoint written before the field existed means by lacking it."""
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
 
 
 class ModelConfig:
@@ -53,6 +54,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d):
+        # a field added after checkpoints were written says, as `absent`, the value that builds the model they hold
+        absent = {f.name: f.metadata["absent"] for f in dataclasses.fields(cls) if "absent" in f.metadata}
+        d = {**{k: v for k, v in absent.items() if k not in d}, **d}
         fields = {f.name for f in dataclasses.fields(cls)}
         if set(d) != fields:
             unknown, missing = sorted(set(d) - fields), sorted(fields - set(d))
@@ -63,7 +67,7 @@ class ModelConfig:
         """Raise ValueError naming the numbers to change if this model cannot be built."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.type is int and (not isinstance(value, int) or value < 1):
+            if f.type is int and "choices" not in f.metadata and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{f.name} must be a positive integer, got {value!r}")
             if f.type is bool and not isinstance(value, bool):
                 raise ValueError(f"{f.name} must be True or False, got {value!r}")
@@ -124,6 +128,8 @@ class VisionMamba2Config(Mamba2Config):
                            "so every token sees the whole image), cross (4, rows and columns)", choices=list(SCANS))
     local_conv: bool = knob(True, "a residual 3x3 depthwise conv on the token grid at the start of each block, so "
                                   "each token mixes with its 8 neighbours")
+    mlp_ratio: int = knob(0, "a residual channel MLP after the mixer in each block, this many times d-model wide "
+                             "(MetaFormer style, as VMamba's; 0: none, as Mamba's)", choices=(0, 1, 2, 4), absent=0)
 
     def validate(self):
         super().validate()
@@ -344,7 +350,7 @@ class VisionMambaBlock(nn.Module):
     exactly mamba_ssm's. Then the whole H x W grid is one sequence, so information crosses rows. Each direction of
     the scan is a reordering of that sequence; all directions share one mixer (batched together in one call) and
     get a learned direction embedding so the mixer knows which way it reads. Outputs are put back in grid order
-    and averaged.
+    and averaged. With mlp_ratio, a pre-norm residual MLP on each token's channels follows (MetaFormer, as VMamba).
     """
 
     def __init__(self, config, *, drop_path=0.0):
@@ -356,6 +362,9 @@ class VisionMambaBlock(nn.Module):
         self.drop_path = StochasticDepth(drop_path, mode="row")  # per sample, in training only
         self.norm = nn.LayerNorm(dim)
         self.mixer = mamba2_mixer(c)
+        # MetaFormer's second half: each token's channels mixed on their own, as in a ViT block
+        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, c.mlp_ratio * dim), nn.GELU(),
+                                 nn.Linear(c.mlp_ratio * dim, dim)) if c.mlp_ratio else None
         self.register_buffer("order", scan_orders(c.scan, g, g), persistent=False)  # (k, L)
         self.direction_embed = nn.Parameter(torch.zeros(len(self.order), dim))
         self.direction_embed._no_weight_decay = True
@@ -375,7 +384,10 @@ class VisionMambaBlock(nn.Module):
         # one op. Stochastic depth scales each image's outputs, all directions alike, before they are summed. (The
         # mixer's output is cast to the stream's dtype: under autocast it is bf16, the stream fp32.)
         y = self.drop_path(rearrange(y, "(b k) l c -> b (k l) c", k=k).to(t.dtype))  # (B, k*L, C)
-        return rearrange(t.index_add(1, steps, y, alpha=1 / k), "b (h w) c -> b c h w", h=h, w=w)
+        t = t.index_add(1, steps, y, alpha=1 / k)  # (B, L, C)
+        if self.mlp is not None:
+            t = t + self.drop_path(self.mlp(t))
+        return rearrange(t, "b (h w) c -> b c h w", h=h, w=w)
 
 
 def classifier_head(c):

@@ -117,6 +117,7 @@ def test_bad_input_shapes_raise_value_error(shape):
     (dict(dropout=1.0), "dropout must be in"),
     (dict(drop_path=-0.1), "drop_path must be in"),
     (dict(local_conv="yes"), "local_conv must be True or False"),
+    (dict(mlp_ratio=3), r"mlp_ratio must be one of \[0, 1, 2, 4\]"),
 ])
 def test_impossible_configs_say_what_to_change(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -164,6 +165,9 @@ def test_config_from_dict_takes_exactly_the_fields():
         VisionMamba2Config.from_dict({**fields, "n_layers": 3})
     with pytest.raises(ValueError, match=r"unknown keys \[\] and lacks \['scan'\]"):
         VisionMamba2Config.from_dict({k: v for k, v in fields.items() if k != "scan"})
+    # a field added later: a checkpoint without it holds the model as it was before (here: no channel MLP)
+    fields["mlp_ratio"] = 4
+    assert VisionMamba2Config.from_dict({k: v for k, v in fields.items() if k != "mlp_ratio"}).mlp_ratio == 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
@@ -181,10 +185,24 @@ def run_cli(*args):
                           timeout=300)
 
 
+def test_the_channel_mlp_follows_the_mixer_in_each_block():
+    torch.manual_seed(0)
+    model = create_vision_mamba2_model(**TINY, mlp_ratio=2).eval()
+    plain = create_vision_mamba2_model(**TINY)
+    per_block = 2 * 16 + (16 * 32 + 32) + (32 * 16 + 16)  # its LayerNorm and two Linear layers
+    assert sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in plain.parameters()) == 2 * per_block
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        before = model(x)
+        model.blocks[1].mlp[-1].bias.copy_(torch.randn(16))  # a change in the last block's MLP reaches the logits
+        assert not torch.allclose(model(x), before)
+
+
 def test_architecture_check_cli():
-    r = run_cli("--d-model", "32", "--num-blocks", "2", "--d-state", "16", "--scan", "cross", "--local-conv")
+    r = run_cli("--d-model", "32", "--num-blocks", "2", "--d-state", "16", "--scan", "cross", "--local-conv",
+                "--mlp-ratio", "2")
     assert r.returncode == 0, r.stderr
-    assert "backend: portable" in r.stdout and "local_conv   True" in r.stdout
+    assert "backend: portable" in r.stdout and "local_conv   True" in r.stdout and "mlp_ratio    2" in r.stdout
     assert "parameters:" in r.stdout and "blocks.1" in r.stdout
     assert "(4, 32, 7, 7)" in r.stdout and "forward + backward OK" in r.stdout
 
@@ -192,6 +210,7 @@ def test_architecture_check_cli():
 @pytest.mark.parametrize("args,message", [
     (("--headdim", "24"), "invalid model configuration: d_model*expand = 256 must be divisible by headdim = 24"),
     (("--scan", "zigzag"), "argument --scan: invalid choice: 'zigzag'"),
+    (("--mlp-ratio", "3"), "argument --mlp-ratio: invalid choice: 3"),
     (("--batch-size", "0"), "argument --batch-size: must be >= 1, got 0"),  # it used to check an empty batch: "OK"
     (("--batch-size", "two"), "argument --batch-size: expected an integer, got 'two'"),
 ])

@@ -227,7 +227,7 @@ def bench_scaling(args):
     rows = []
     for name, backend, blocks in stacks:
         model = nn.Sequential(*blocks).to(device)
-        for l in args.scaling_lengths:
+        for l in args.lengths:
             b = max(1, tokens // l)
             x = torch.randn(b, l, 128, device=device)
 
@@ -279,12 +279,13 @@ def plot_scaling(rows, path, device):
 
 def bench_ssd(args):
     """Our SSD (mamba2_torch) against mamba_ssm's ssd_minimal_discrete: forward and backward on the CPU, each at its
-    fastest chunk size."""
+    fastest chunk size, at the lengths and tokens per batch of the scaling section."""
     from mamba_ssm.modules.ssd_minimal import ssd_minimal_discrete
 
-    b, h, p, n = args.batch, 8, 32, 32
+    tokens, h, p, n = args.tokens or 8192, 8, 32, 32
     rows = []
     for l in args.lengths:
+        b = max(1, tokens // l)
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(b, l, h, p, generator=gen).requires_grad_()
         dt = F.softplus(torch.randn(b, l, h, generator=gen) - 3).requires_grad_()
@@ -302,13 +303,13 @@ def bench_ssd(args):
         t_min, min_chunk = min((median_time(lambda: minimal(c), args.repeats), c) for c in chunks)
         rows.append(dict(device="cpu", dtype="fp32", length=l, batch=b, ours_ms=1e3 * t_ours, ours_chunk=ours_chunk,
                          minimal_ms=1e3 * t_min, minimal_chunk=min_chunk, minimal_over_ours=t_min / t_ours))
-    print(f"\nSSD forward + backward, CPU ({torch.get_num_threads()} threads), fp32, batch {b}, heads {h}, "
-          f"headdim {p}, d_state {n}; median of {args.repeats}\n")
-    print("| L | ours (ms) | ssd_minimal_discrete (ms) | minimal / ours |")
-    print("|---|---|---|---|")
+    print(f"\nSSD forward + backward, CPU ({torch.get_num_threads()} threads), fp32, about {tokens:,} tokens per "
+          f"batch, heads {h}, headdim {p}, d_state {n}; median of {args.repeats}\n")
+    print("| L | batch | ours (ms) | ssd_minimal_discrete (ms) | minimal / ours |")
+    print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['length']} | {r['ours_ms']:.1f} (chunk {r['ours_chunk']}) | {r['minimal_ms']:.1f} "
-              f"(chunk {r['minimal_chunk']}) | {r['minimal_over_ours']:.2f}x |")
+        print(f"| {r['length']:,} | {r['batch']} | {r['ours_ms']:.1f} (chunk {r['ours_chunk']}) | "
+              f"{r['minimal_ms']:.1f} (chunk {r['minimal_chunk']}) | {r['minimal_over_ours']:.2f}x |")
     return rows
 
 
@@ -385,7 +386,7 @@ def bench_profile(args):
         rows.append(dict(model=name, params=count_params(model), batch=batch, dtype=dtype,
                          ops_per_step=sum(launched_ops(prof).values()), step_ms=total,
                          shares={k: sum(ms for op, ms in own.items() if kind_of(op) == k) / total for k in KINDS},
-                         rest_largest={op: own[op] / total for op in rest[:args.profile_ops]}))
+                         rest_largest={op: own[op] / total for op in rest[:3]}))
     print(f"\nOne training step on the CPU ({torch.get_num_threads()} threads), {dtype}, portable backend: the aten "
           f"ops it runs that are not views (each at least one kernel launch on a GPU), and each op's own time by "
           f"kind (torch.profiler, which adds a little to every op)\n")
@@ -400,51 +401,36 @@ def bench_profile(args):
 
 SECTIONS = {"models": bench_models, "scaling": bench_scaling, "ssd": bench_ssd, "profile": bench_profile}
 # --quick: every section at small sizes, a few minutes on 2 CPU cores (flags given on the command line win)
-QUICK = dict(batch_size=32, seq_batch_size=4, repeats=1, scaling_lengths=[49, 196, 784, 3136], tokens=3136,
-             lengths=[196], batch=8)
+QUICK = dict(batch_size=32, seq_batch_size=4, repeats=1, tokens=3136)
 
 
 def build_parser():
     count = cli.int_at_least(1)
     p = cli.Parser(prog="bench.py", formatter_class=cli.HelpFormatter,
-                   description="Benchmarks, each printing a markdown table: " + ", ".join(SECTIONS) +
-                               " (the top of bench.py says what each measures).")
-    p.add_argument("sections", nargs="*", metavar="SECTION",
-                   help=f"what to run, any of {', '.join(SECTIONS)} (default: all of them; ssd without mamba-ssm "
-                        "is then skipped with the reason)")
-    p.add_argument("--quick", action="store_true",
-                   help="small sizes and one repeat, to see every table in a few minutes on 2 CPU cores: "
-                        + ", ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                                    for k, v in QUICK.items()))
+                   description="Benchmarks, each printing a markdown table (the top of bench.py says what each "
+                               "measures).")
+    p.add_argument("sections", nargs="*", metavar="SECTION", help=f"any of {', '.join(SECTIONS)} (default: all of "
+                   "them; ssd without mamba-ssm is then skipped with the reason)")
+    p.add_argument("--quick", action="store_true", help="small sizes and one repeat, every table in a few minutes on "
+                   "2 CPU cores: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
     p.add_argument("--device", type=cli.device_name, default="auto",
                    help="models, scaling: auto picks cuda, then mps, then cpu (ssd and profile run on the CPU)")
     p.add_argument("--repeats", type=count, default=5, help="timed repeats per measurement (the median is reported)")
-    p.add_argument("--json", help="also write every section's rows, with the machine and the command, to this "
-                                  "JSON file")
-    p.add_argument("--batch-size", type=count, default=128,
-                   help="models, profile: the image models' training batch (inference: twice as many), train.py's")
+    p.add_argument("--json", help="also write every section's rows, the machine and the command to this JSON file")
+    p.add_argument("--batch-size", type=count, default=128, help="models, profile: the image models' training batch "
+                   "(inference: twice as many)")
     p.add_argument("--seq-batch-size", type=count, default=32, help="models, profile: the sequential model's batch")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="models, profile: bf16 autocast (default: as train.py, on CUDA only)")
-    g = p.add_argument_group("models")
-    g.add_argument("--compile", action="store_true",
-                   help="also time each model through torch.compile, as train.py --compile runs it (after its "
-                        "compilation: a minute or more per model)")
-    g.add_argument("--cuda-graphs", action="store_true",
-                   help="CUDA only: also time each model's training steps replayed from CUDA graphs, as train.py "
-                        "--cuda-graphs runs them (inference stays eager)")
-    g = p.add_argument_group("scaling")
-    g.add_argument("--scaling-lengths", type=count, nargs="+", default=[49, 196, 784, 3136],
-                   help="sequence lengths (7x7, 14x14, 28x28, 56x56 token grids)")
-    g.add_argument("--tokens", type=count, default=None,
-                   help="tokens per batch at every length (default: 8,192; 32,768 on CUDA, where fewer left every "
-                        "model waiting on kernel launches on an H100)")
-    g.add_argument("--plot", default="scaling.png", help="where to write the plot")
-    g = p.add_argument_group("ssd")
-    g.add_argument("--lengths", type=count, nargs="+", default=[196, 784], help="sequence lengths")
-    g.add_argument("--batch", type=count, default=32, help="sequences per call")
-    p.add_argument_group("profile").add_argument("--profile-ops", type=count, default=3,
-                                                 help="how many of the rest's largest ops to name")
+    p.add_argument("--compile", action="store_true", help="models: also time each model through torch.compile, as "
+                   "train.py --compile runs it (after compiling: a minute or more per model)")
+    p.add_argument("--cuda-graphs", action="store_true", help="models, CUDA only: also time each model's training "
+                   "steps replayed from CUDA graphs, as train.py --cuda-graphs runs them (inference stays eager)")
+    p.add_argument("--lengths", type=count, nargs="+", default=[49, 196, 784, 3136],
+                   help="scaling, ssd: sequence lengths (7x7, 14x14, 28x28, 56x56 token grids)")
+    p.add_argument("--tokens", type=count, default=None, help="scaling, ssd: tokens per batch at every length "
+                   "(default: 8,192; for scaling on CUDA 32,768: fewer left every model waiting on launches on an H100)")
+    p.add_argument("--plot", default="scaling.png", help="scaling: where to write the plot")
     return p
 
 

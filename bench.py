@@ -429,7 +429,7 @@ def build_parser():
     p.add_argument("--lengths", type=count, nargs="+", default=[49, 196, 784, 3136],
                    help="scaling, ssd: sequence lengths (7x7, 14x14, 28x28, 56x56 token grids)")
     p.add_argument("--tokens", type=count, default=None, help="scaling, ssd: tokens per batch at every length "
-                   "(default: 8,192; for scaling on CUDA 32,768: fewer left every model waiting on launches on an H100)")
+                   "(default: 8,192; scaling on CUDA: 32,768, as fewer left every model waiting on launches (H100))")
     p.add_argument("--plot", default="scaling.png", help="scaling: where to write the plot")
     return p
 

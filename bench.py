@@ -362,7 +362,7 @@ KINDS = ("matrix products", "convolutions", "the rest")
 
 def kind_of(op):
     """Which of KINDS a profiled op (or autograd node, optimizer step, ...) is."""
-    if op in MATRIX_PRODUCTS:
+    if op in MATRIX_PRODUCTS or "scaled_dot_product" in op:  # fused attention: mostly its two matrix products
         return "matrix products"
     if op.startswith("aten::") and "conv" in op:  # mkldnn_convolution, convolution_backward, ...
         return "convolutions"

@@ -159,3 +159,16 @@ def test_model_rows_say_why_they_have_no_numbers_and_the_others_still_run(monkey
 def test_cuda_graphs_need_a_gpu():
     proc = run_script("bench.py", "models", "--cuda-graphs")
     assert proc.returncode == 2 and "--cuda-graphs needs a CUDA GPU" in proc.stderr
+
+
+def test_without_mamba_ssm_ssd_is_refused_by_name_and_skipped_in_a_full_run(monkeypatch, capsys):
+    import bench
+
+    monkeypatch.setattr(bench, "load_official_kernels", lambda: None)
+    with pytest.raises(SystemExit) as exit:
+        bench.parse_args(["ssd"])
+    assert exit.value.code == 2 and "ssd cannot run here: it compares against mamba-ssm's" in capsys.readouterr().err
+    args = bench.parse_args([])
+    monkeypatch.setattr(bench, "SECTIONS", {"ssd": bench.bench_ssd})  # the other sections run in the tests above
+    assert bench.run(args) == 0 and "ssd: skipped, it compares" in capsys.readouterr().out
+    assert "install mamba-ssm" in args.report["sections"]["ssd"]["skipped"]

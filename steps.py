@@ -13,9 +13,6 @@ import torch.nn as nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
-
-
 def training_step(model, x, y, *, optimizer, criterion, scaler, autocast, grad_clip):
     """Forward under autocast, loss in fp32, backward (scaled for fp16), clip, AdamW step. Returns (logits, loss)."""
     # x : (B, C, H, W), y : (B,)
@@ -60,12 +57,12 @@ class WeightAverage:
         self.updates += 1
 
 
-def compile_model(model, mode="default"):
+def compile_model(model):
     """torch.compile(model), with PyTorch's fused Transformer inference shortcut turned off for the process: under
     compile its fake kernel mispredicts the output strides and the compiled ViT fails in eval mode without
     autocast (pytorch/pytorch#196251); the compiler fuses the attention itself."""
     torch.backends.mha.set_fastpath_enabled(False)
-    return torch.compile(model, mode=mode)
+    return torch.compile(model)
 
 
 class GraphedTraining(nn.Module):

@@ -11,8 +11,7 @@ import torch
 from helpers import run_script
 
 HAS_MAMBA_SSM = importlib.util.find_spec("mamba_ssm") is not None
-TINY = ["--repeats", "1", "--batch-size", "2", "--seq-batch-size", "1", "--scaling-lengths", "8", "16",
-        "--tokens", "32", "--lengths", "16", "--batch", "2", "--profile-ops", "3"]
+TINY = ["--repeats", "1", "--batch-size", "2", "--seq-batch-size", "1", "--lengths", "16", "32", "--tokens", "64"]
 
 
 def numbers(rows):
@@ -24,16 +23,16 @@ def test_every_section_runs_into_one_json(tmp_path):
     proc = run_script("bench.py", "--device", "cpu", "--json", out, "--plot", plot, *TINY)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert list(report["sections"]) == ["models", "scaling", "ssd", "ops", "profile"]
+    assert list(report["sections"]) == ["models", "scaling", "ssd", "profile"]
     assert report["command"].startswith("python bench.py --device cpu") and report["machine"]["threads"] >= 1
     if not HAS_MAMBA_SSM:
         assert "skipped" in report["sections"].pop("ssd") and "ssd: skipped" in proc.stdout
     for name, rows in report["sections"].items():
         assert rows and all(math.isfinite(v) and v >= 0 for v in numbers(rows)), (name, rows)
 
+    names = ["Vision Mamba 2", "Vision Mamba 2", "sequential Mamba 2", "CNN", "ViT"]  # no CUDA here: no official row
     models = report["sections"]["models"]
-    assert [r["model"].split(" (")[0] for r in models] == \
-        ["Vision Mamba 2", "Vision Mamba 2", "sequential Mamba 2", "CNN", "ViT"]  # no CUDA here: no official row
+    assert [r["model"].split(" (")[0] for r in models] == names
     assert [r["batch"] for r in models] == [2, 2, 1, 2, 2] and {r["device"] for r in models} == {"cpu"}
     assert all(r["train_img_s"] > 0 and r["infer_img_s"] > 0 and r["activation_mib"] > 0 and r["peak_mib"] is None
                for r in models)
@@ -42,27 +41,31 @@ def test_every_section_runs_into_one_json(tmp_path):
     assert "| sequential Mamba 2 (784 steps) | portable | eager | 490,986 | 1 |" in proc.stdout
     assert {r["mode"] for r in models} == {"eager"}
     assert {r["model"] for r in report["sections"]["scaling"]} == {"Mamba-2", "attention"}
-    ops = report["sections"]["ops"]
-    assert [r["model"].split(" (")[0] for r in ops] == ["Vision Mamba 2", "sequential Mamba 2", "CNN", "ViT"]
-    assert all(r["batch"] == 2 and r["ops_per_step"] > 0 for r in ops)
+    profiled = report["sections"]["profile"]
+    assert [r["model"].split(" (")[0] for r in profiled] == names and [r["batch"] for r in profiled] == [2, 2, 1, 2, 2]
+    assert all(r["ops_per_step"] > 0 and len(r["rest_largest"]) == 3 for r in profiled)
     assert "| Vision Mamba 2 | 475,498 | 2 |" in proc.stdout
     assert plot.stat().st_size > 0
 
 
-def test_the_profile_splits_one_step_into_kinds_that_add_up():
-    """Matrix products, convolutions and the rest share the whole step; the rest's largest ops are part of it."""
+def test_the_profile_splits_each_step_into_kinds_that_add_up():
+    """Matrix products, convolutions and the rest share each model's whole step; the rest's largest ops are part of
+    the rest."""
     import bench
 
-    rows = bench.bench_profile(bench.parse_args(["profile", "--batch-size", "2", "--profile-ops", "4"]))
-    kinds, largest = rows[:3], rows[3:]
-    assert {r["what"].split(" (")[0].split(",")[0].split(":")[0] for r in kinds} == \
-        {"matrix products", "convolutions", "the rest"}
-    assert abs(sum(r["share"] for r in kinds) - 1) < 1e-9 and all(r["ms"] > 0 for r in kinds)
-    rest = next(r for r in kinds if r["what"].startswith("the rest"))
-    assert len(largest) == 4 and sum(r["ms"] for r in largest) <= rest["ms"]
-    assert all(bench.kind_of(r["what"].removeprefix("of the rest: ")).startswith("the rest") for r in largest)
-    assert bench.kind_of("aten::mm").startswith("matrix") and bench.kind_of("aten::convolution_backward").startswith(
-        "convolutions") and bench.kind_of("aten::mul").startswith("the rest")
+    rows = bench.bench_profile(bench.parse_args(["profile", "--batch-size", "2", "--seq-batch-size", "1"]))
+    assert [r["model"].split(" (")[0] for r in rows] == ["Vision Mamba 2", "Vision Mamba 2", "sequential Mamba 2",
+                                                         "CNN", "ViT"]
+    for r in rows:
+        shares = r["shares"]
+        assert list(shares) == ["matrix products", "convolutions", "the rest"] and abs(sum(shares.values()) - 1) < 1e-9
+        assert shares["matrix products"] > 0 and shares["the rest"] > 0 and r["step_ms"] > 0, r
+        assert len(r["rest_largest"]) == 3 and sum(r["rest_largest"].values()) <= shares["the rest"] + 1e-9
+        assert all(bench.kind_of(op) == "the rest" for op in r["rest_largest"])
+    assert rows[3]["shares"]["convolutions"] > 0 and rows[4]["shares"]["convolutions"] > 0  # CNN; ViT's patch stem
+    assert bench.kind_of("aten::mm") == bench.kind_of("aten::_scaled_dot_product_flash_attention_for_cpu") == \
+        "matrix products" and bench.kind_of("aten::convolution_backward") == "convolutions"
+    assert bench.kind_of("aten::mul") == bench.kind_of("Optimizer.step#AdamW.step") == "the rest"
 
 
 def test_quick_takes_small_sizes_and_flags_still_win():
@@ -89,7 +92,7 @@ def test_a_row_that_runs_out_of_memory_says_so_and_the_rest_still_run(tmp_path, 
         return 0.5
 
     monkeypatch.setattr(bench, "median_time", median_time)
-    args = bench.parse_args(["scaling", "--device", "cpu", "--scaling-lengths", "8", "16", "--tokens", "32",
+    args = bench.parse_args(["scaling", "--device", "cpu", "--lengths", "8", "16", "--tokens", "32",
                              "--plot", str(tmp_path / "scaling.png")])
     rows = bench.bench_scaling(args)
     assert [r["ms"] is None for r in rows] == [False, True, False, True]
@@ -99,7 +102,7 @@ def test_a_row_that_runs_out_of_memory_says_so_and_the_rest_still_run(tmp_path, 
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["nonsense"], "unknown section 'nonsense': choose from models, scaling, ssd, ops, profile"),
+    (["nonsense"], "unknown section 'nonsense': choose from models, scaling, ssd, profile"),
     (["--repeats", "0"], "--repeats"),
     (["models", "--seq-batch-size", "0"], "--seq-batch-size"),
 ])
@@ -114,7 +117,7 @@ def test_model_rows_say_why_they_have_no_numbers_and_the_others_still_run(monkey
 
     import bench
 
-    def compile_model(model, mode="default"):  # stands in for torch.compile: fails on the ViT only
+    def compile_model(model):  # stands in for torch.compile: fails on the ViT only
         torch.backends.mha.set_fastpath_enabled(False)  # as the real one does
         if isinstance(model, bench.ViT):
             raise RuntimeError("a compiler bug")
@@ -152,12 +155,20 @@ def test_model_rows_say_why_they_have_no_numbers_and_the_others_still_run(monkey
     assert "compile failed (RuntimeError): a compiler bug" in err
 
 
-def test_compile_mode_needs_compile():
-    proc = run_script("bench.py", "models", "--compile-mode", "reduce-overhead")
-    assert proc.returncode == 2 and "--compile-mode applies only with --compile" in proc.stderr
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
 def test_cuda_graphs_need_a_gpu():
     proc = run_script("bench.py", "models", "--cuda-graphs")
     assert proc.returncode == 2 and "--cuda-graphs needs a CUDA GPU" in proc.stderr
+
+
+def test_without_mamba_ssm_ssd_is_refused_by_name_and_skipped_in_a_full_run(monkeypatch, capsys):
+    import bench
+
+    monkeypatch.setattr(bench, "load_official_kernels", lambda: None)
+    with pytest.raises(SystemExit) as exit:
+        bench.parse_args(["ssd"])
+    assert exit.value.code == 2 and "ssd cannot run here: it compares against mamba-ssm's" in capsys.readouterr().err
+    args = bench.parse_args([])
+    monkeypatch.setattr(bench, "SECTIONS", {"ssd": bench.bench_ssd})  # the other sections run in the tests above
+    assert bench.run(args) == 0 and "ssd: skipped, it compares" in capsys.readouterr().out
+    assert "install mamba-ssm" in args.report["sections"]["ssd"]["skipped"]

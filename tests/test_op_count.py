@@ -1,6 +1,6 @@
-"""Kernel launches per training step (bench.py ops): on a GPU the default model is bound by launching its kernels,
-so the count of ops one training step runs is held down. (The numbers themselves are pinned by the equivalence tests
-against mamba-ssm and the float64 recurrence: tests/test_official_equivalence.py, tests/test_ssd.py.)"""
+"""Kernel launches per training step (bench.py profile): on a GPU the default model is bound by launching its
+kernels, so the count of ops one training step runs is held down. (The numbers themselves are pinned by the
+equivalence tests against mamba-ssm and the float64 recurrence: tests/test_official_equivalence.py, tests/test_ssd.py.)"""
 
 import torch
 
@@ -9,12 +9,12 @@ from vision_mamba2 import create_vision_mamba2_model
 
 
 def test_default_training_step_runs_at_most_470_aten_ops():
-    """bench.py ops: the top-level non-view aten ops of one training step (738 once, 398 before the CPU work of
+    """bench.py profile: the top-level non-view aten ops of one training step (738 once, 398 before the CPU work of
     docs/bench_ops.md, 466 now); batch 8, whose count is that of train.py's batch 128 (no op depends on the batch
     size), in a fraction of the time."""
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(8, 1, 28, 28, generator=gen), torch.randint(0, 10, (8,), generator=gen)
-    ops = bench.training_step_ops(create_vision_mamba2_model(backend="portable"), x, y)
+    ops = bench.launched_ops(bench.profiled_step(create_vision_mamba2_model(backend="portable"), x, y))
     assert sum(ops.values()) <= 470, sorted(ops.items(), key=lambda kv: -kv[1])
     assert ops["aten::_fused_adamw_"] == 1 and ops["aten::convolution_backward"] == 9  # all of the step: stem + 2 x 4
 
@@ -25,5 +25,5 @@ def test_views_are_not_counted_and_copies_are():
     assert not any(map(bench.returns_a_view, ["aten::mul", "aten::add_", "aten::clone", "aten::index_select"]))
     x = torch.randn(4, 6)
     model = torch.nn.Linear(6, 3)
-    ops = bench.training_step_ops(torch.nn.Sequential(model), x, torch.tensor([0, 1, 2, 0]))
+    ops = bench.launched_ops(bench.profiled_step(torch.nn.Sequential(model), x, torch.tensor([0, 1, 2, 0])))
     assert "aten::t" not in ops and ops["aten::linear"] == 1  # a view; and the linear's nested ops are not counted

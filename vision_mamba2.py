@@ -1,7 +1,7 @@
 """
 Vision Mamba 2: an MNIST classifier built from Mamba-2 (SSD) blocks instead of CNN layers.
 
-    image (B, 1, 28, 28) -> conv stem, stride 4, kernel 7 -> (B, D, 7, 7)
+    image (B, 1, 28, 28) -> conv stem, stride 4, kernel 7 (or two 3x3 convs: stem_width) -> (B, D, 7, 7)
        + learned 2-D position embedding
     -> num_blocks x VisionMambaBlock: a residual 3x3 depthwise conv on the grid (local_conv), then the whole 7x7
        grid as one 49-token sequence, read in one ("uni"), two ("bi", as Vim) or four ("cross", as VMamba)
@@ -130,11 +130,17 @@ class VisionMamba2Config(Mamba2Config):
                                   "each token mixes with its 8 neighbours")
     mlp_ratio: int = knob(0, "a residual channel MLP after the mixer in each block, this many times d-model wide "
                              "(MetaFormer style, as VMamba's; 0: none, as Mamba's)", choices=(0, 1, 2, 4), absent=0)
+    stem_width: int = knob(0, "a two-layer conv stem, its first 3x3 conv this many channels wide, as CNNs and "
+                              "Xiao et al.'s early-conv ViTs begin (0: one patch conv)", choices=(0, 16, 24, 32),
+                           absent=0)
 
     def validate(self):
         super().validate()
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} must be divisible by patch_size {self.patch_size}")
+        if self.stem_width and self.patch_size % 2:
+            raise ValueError(f"the two-layer stem (stem_width {self.stem_width}) halves the image first, so "
+                             f"patch_size must be even, got {self.patch_size}")
 
 
 @dataclass
@@ -396,14 +402,24 @@ def classifier_head(c):
                          nn.Linear(c.d_model, c.num_classes))
 
 
+def conv_stem(c):
+    """The tokenizer, (B, in_chans, H, W) -> (B, D, H/p, W/p): overlapping patches (kernel 2p-1, stride p), or with
+    stem_width a 3x3 conv of stride 2 and a 3x3 conv of stride p/2 with a nonlinearity between, so each token starts
+    from edges and strokes rather than a linear view of its pixels."""
+    p = c.patch_size
+    if not c.stem_width:
+        return nn.Conv2d(c.in_chans, c.d_model, kernel_size=2 * p - 1, stride=p, padding=p - 1)
+    return nn.Sequential(nn.Conv2d(c.in_chans, c.stem_width, kernel_size=3, stride=2, padding=1),
+                         nn.BatchNorm2d(c.stem_width), nn.GELU(),
+                         nn.Conv2d(c.stem_width, c.d_model, kernel_size=3, stride=p // 2, padding=1))
+
+
 class VisionMamba2(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = c = buildable(config)
         self.grid_size = c.img_size // c.patch_size
-        # overlapping patches: kernel 2p-1, stride p, (B, in_chans, H, W) -> (B, D, H/p, W/p)
-        p = c.patch_size
-        self.stem = nn.Conv2d(c.in_chans, c.d_model, kernel_size=2 * p - 1, stride=p, padding=p - 1)
+        self.stem = conv_stem(c)
         self.pos_embed = nn.Parameter(torch.zeros(1, c.d_model, self.grid_size, self.grid_size))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.pos_embed._no_weight_decay = True  # embeddings, like norms and the SSM's A_log/D/dt_bias

@@ -118,6 +118,7 @@ def test_bad_input_shapes_raise_value_error(shape):
     (dict(drop_path=-0.1), "drop_path must be in"),
     (dict(local_conv="yes"), "local_conv must be True or False"),
     (dict(mlp_ratio=3), r"mlp_ratio must be one of \[0, 1, 2, 4\]"),
+    (dict(stem_width=24, patch_size=7), "the two-layer stem .* patch_size must be even, got 7"),
 ])
 def test_impossible_configs_say_what_to_change(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -195,6 +196,21 @@ def test_the_channel_mlp_follows_the_mixer_in_each_block():
     with torch.no_grad():
         before = model(x)
         model.blocks[1].mlp[-1].bias.copy_(torch.randn(16))  # a change in the last block's MLP reaches the logits
+        assert not torch.allclose(model(x), before)
+
+
+@pytest.mark.parametrize("patch_size", [2, 4])
+def test_the_two_layer_stem_makes_the_same_token_grid(patch_size):
+    torch.manual_seed(0)
+    model = create_vision_mamba2_model(**TINY, stem_width=16, patch_size=patch_size).eval()
+    plain = create_vision_mamba2_model(**TINY, patch_size=patch_size)
+    x = torch.randn(2, 1, 28, 28)
+    assert model.stem(x).shape == plain.stem(x).shape == (2, 16, 28 // patch_size, 28 // patch_size)
+    extra = (9 * 16 + 16) + 2 * 16 + (9 * 16 * 16 + 16) - plain.stem.weight.numel() - 16  # conv, BatchNorm, conv
+    assert sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in plain.parameters()) == extra
+    with torch.no_grad():
+        before = model(x)
+        model.stem[1].bias.add_(1.0)  # the BatchNorm between the convs reaches the logits
         assert not torch.allclose(model(x), before)
 
 

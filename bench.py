@@ -4,6 +4,7 @@ Benchmarks, each printing a markdown table: speed and memory claims live here, n
     python bench.py                                  # every section (full sizes: for a GPU)
     python bench.py --quick                          # every section at small sizes: minutes on 2 CPU cores
     python bench.py models profile --json b.json     # some sections; all their rows in one JSON file
+    python bench.py models --variant="--stem-width 24"   # and a model built from train.py's model flags
 
     models   training and inference img/s and activation memory of every model: Vision Mamba 2 (7x7 and 14x14
              tokens; portable, and official kernels on CUDA), the sequential model, baselines.py's CNN and ViT
@@ -18,11 +19,13 @@ Every training step is train.py's (steps.training_step).
 
 import argparse
 import collections
+import dataclasses
 import functools
 import gc
 import itertools
 import json
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -37,8 +40,8 @@ import cli
 import steps
 from baselines import CNN, CNNConfig, ViT, ViTConfig
 from mamba2_torch import mamba_chunk_scan_combined
-from vision_mamba2 import (ResidualMamba2Block, SequentialMamba2, SequentialMamba2Config, count_params,
-                           create_vision_mamba2_model, load_official_kernels)
+from vision_mamba2 import (ResidualMamba2Block, SequentialMamba2, SequentialMamba2Config, VisionMamba2,
+                           VisionMamba2Config, count_params, create_vision_mamba2_model, load_official_kernels)
 
 NEEDS_MAMBA_SSM = "compares against mamba-ssm's reference functions: install mamba-ssm (README)"
 
@@ -125,12 +128,29 @@ def backends(device):
     return ["portable"] + (["official"] if device.type == "cuda" and load_official_kernels() is not None else [])
 
 
+def model_variant(flags):
+    """--variant: train.py's model flags in one string -> (the string, the VisionMamba2Config they give)."""
+    parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    cli.add_config_flags(parser, VisionMamba2Config)
+    try:
+        given, unknown = parser.parse_known_args(shlex.split(flags))
+        if unknown:
+            raise ValueError(f"{unknown[0]} is not a model flag of train.py")
+        config = VisionMamba2Config(**vars(given))
+        config.validate()
+        return flags, config
+    except (argparse.ArgumentError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"{flags!r}: {e}") from None
+
+
 def model_specs(args, device):
     """(name, backend, build, batch) of every model the models and profile sections measure."""
     # the default 7x7 token grid, and the 14x14 grid of train.py --patch-size 2 (four times the tokens)
     specs = [(name, backend, functools.partial(create_vision_mamba2_model, backend=backend, patch_size=p),
               args.batch_size) for name, p in [("Vision Mamba 2", 4), ("Vision Mamba 2 (--patch-size 2)", 2)]
              for backend in backends(device)]
+    specs += [(f"Vision Mamba 2 {flags}", backend, lambda c=config, b=backend: VisionMamba2(dataclasses.replace(
+        c, backend=b)), args.batch_size) for flags, config in args.variant for backend in backends(device)]
     specs += [("sequential Mamba 2 (784 steps)", backend,
                lambda backend=backend: SequentialMamba2(SequentialMamba2Config(backend=backend)), args.seq_batch_size)
               for backend in backends(device)]
@@ -420,6 +440,9 @@ def build_parser():
     p.add_argument("--batch-size", type=count, default=128, help="models, profile: the image models' training batch "
                    "(inference: twice as many)")
     p.add_argument("--seq-batch-size", type=count, default=32, help="models, profile: the sequential model's batch")
+    p.add_argument("--variant", type=model_variant, action="append", default=[], metavar="FLAGS",
+                   help='models, profile: one more Vision Mamba 2 row, built with these train.py model flags, as '
+                        '--variant="--stem-width 24" (repeatable)')
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="models, profile: bf16 autocast (default: as train.py, on CUDA only)")
     p.add_argument("--compile", action="store_true", help="models: also time each model through torch.compile, as "

@@ -172,3 +172,23 @@ def test_without_mamba_ssm_ssd_is_refused_by_name_and_skipped_in_a_full_run(monk
     monkeypatch.setattr(bench, "SECTIONS", {"ssd": bench.bench_ssd})  # the other sections run in the tests above
     assert bench.run(args) == 0 and "ssd: skipped, it compares" in capsys.readouterr().out
     assert "install mamba-ssm" in args.report["sections"]["ssd"]["skipped"]
+
+
+def test_a_variant_is_one_more_row_built_from_train_py_flags(capsys):
+    import bench
+    from vision_mamba2 import count_params, create_vision_mamba2_model
+
+    args = bench.parse_args(["models", "--variant=--stem-width 24", "--variant", "--mlp-ratio 1 --num-blocks 3"])
+    specs = bench.model_specs(args, torch.device("cpu"))
+    variants = [(name, build()) for name, _, build, _ in specs if name.startswith("Vision Mamba 2 --")]
+    assert [name for name, _ in variants] == ["Vision Mamba 2 --stem-width 24",
+                                              "Vision Mamba 2 --mlp-ratio 1 --num-blocks 3"]
+    assert [count_params(m) for _, m in variants] == [
+        count_params(create_vision_mamba2_model(stem_width=24)),
+        count_params(create_vision_mamba2_model(mlp_ratio=1, num_blocks=3))]
+    assert variants[0][1].config.backend == "portable"
+    for flags, message in [("--stem-width 5", "invalid choice: 5"), ("--epochs 3", "--epochs is not a model flag"),
+                           ("--d-model 100 --headdim 24", "must be divisible by headdim")]:
+        with pytest.raises(SystemExit) as exit:
+            bench.parse_args(["models", f"--variant={flags}"])
+        assert exit.value.code == 2 and message in capsys.readouterr().err

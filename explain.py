@@ -327,9 +327,9 @@ def accuracy_while_reading(model, split, steps):
     correct = dict.fromkeys(steps, 0)
     for x, y in tqdm(split.batches(), total=split.num_batches, desc="reading", unit="batch", leave=False,
                      dynamic_ncols=True):
-        logits = readout_at_every_step(model, x)  # (B, L, classes)
-        for t in steps:
-            correct[t] += int((logits[:, t - 1].argmax(dim=1) == y).sum())
+        logits = readout_at_every_step(model, x, at=steps)  # (B, len(steps), classes)
+        for i, t in enumerate(steps):
+            correct[t] += int((logits[:, i].argmax(dim=1) == y).sum())
     return {t: n / split.num_samples for t, n in correct.items()}
 
 
@@ -339,14 +339,14 @@ def probabilities_while_reading(model, x):
     return torch.stack([logits.float().softmax(dim=1) for _, logits in model.step_logits(x)], dim=1).cpu().numpy()
 
 
-def readout_at_every_step(model, x):
+def readout_at_every_step(model, x, at=None):
     """(n, seq_len, classes): the logits after each step from one parallel pass: the model is causal, so step t's
     features saw only the pixels read by then, and the readout after t steps is the head on the mean of their first
-    t (or on the t-th), as step_logits computes it step by step."""
+    t (or on the t-th), as step_logits computes it step by step. at: only after these step counts (n, len(at), ...)."""
     f = model.norm(model.features(x))  # (n, L, D)
     if model.config.readout == "mean":
         f = f.cumsum(dim=1) / torch.arange(1, f.shape[1] + 1, device=f.device)[:, None]
-    return model.head(f)
+    return model.head(f if at is None else f[:, torch.tensor(at, device=f.device) - 1])
 
 
 @torch.no_grad()

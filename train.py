@@ -669,10 +669,14 @@ def describe_run(run, resume):
         order = "row-major order" if seed is None else f"the order of --permutation-seed {seed}"
         print0(f"task {args.task}: {config.seq_len} pixels per image, one per step, in {order}")
     amp = str(run.amp_dtype).removeprefix("torch.") if run.use_amp else "off"
-    extras = [", CUDA graphs" * args.cuda_graphs, ", compiled" * args.compile,
-              f", weight average (decay {run.ema.decay:.4g})" if run.ema else ""]
-    print0(f"model: {args.arch}, {count_params(run.raw_model):,} parameters, device {env.device}, amp {amp}"
-           f"{''.join(extras)}")
+    line = f"model: {args.arch}, {count_params(run.raw_model):,} parameters, device {env.device}, amp {amp}"
+    if args.cuda_graphs:
+        line += ", CUDA graphs"
+    if args.compile:
+        line += ", compiled"
+    if run.ema:
+        line += f", weight average (decay {run.ema.decay:.4g})"
+    print0(line)
     if args.arch == "mamba2":
         print0(f"backend: {describe_backend(args.backend, env.device)}")
     if env.ddp:

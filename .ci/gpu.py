@@ -31,6 +31,7 @@ SHORT = ["--epochs", "2", "--max-train-samples", "19968"]
 
 
 def write_json(path, obj):
+    # not checkpoint.atomic_write: this process never imports torch, and each file here has one writer
     Path(f"{path}.tmp").write_text(json.dumps(obj, indent=2))
     os.replace(f"{path}.tmp", path)  # a reader never sees half a file
 

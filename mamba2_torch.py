@@ -74,6 +74,9 @@ class ChunkDiagonal(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, C, B, dA_cs, xdt):
+        # the decays and inputs in matmul's order (b, g, r, c, ...) once, here: the decay matrices take dA_cs's
+        # layout, and a matmul copies each operand whose batch dimensions are not in that order, forward and back
+        dA_cs, xdt = dA_cs.contiguous(), xdt.contiguous()
         with torch.autocast(xdt.device.type, enabled=False):  # fp32 matmuls under autocast too
             CB = (C @ B.transpose(-1, -2)).tril_()  # (b, g, c, t, s), causal: no head dimension, small
             ctx.save_for_backward(C, B, CB, dA_cs, xdt)
@@ -83,7 +86,7 @@ class ChunkDiagonal(torch.autograd.Function):
     def backward(ctx, dy):
         # dy : (b, g, r, c, t, p)
         with torch.autocast(dy.device.type, enabled=False):
-            return ChunkDiagonal.gradients(*ctx.saved_tensors, dy.float())
+            return ChunkDiagonal.gradients(*ctx.saved_tensors, dy.float().contiguous())  # (one copy for both matmuls)
 
     @staticmethod
     def gradients(C, B, CB, dA_cs, xdt, dy):
@@ -277,9 +280,10 @@ class RMSNormGated(nn.Module):
 def causal_conv1d_silu(x, weight, bias=None):
     """silu(depthwise causal conv1d) on x (b, l, d) with a conv1d's weight (d, 1, w) and bias (d,), returned as
     (b, l, d): mamba_ssm's causal_conv1d_fn(x.transpose(1, 2), ..., activation="silu"), transposed back.
-    Computed as a (1 x w) conv2d on x's own memory layout (channels-last: no transposed copy either way), whose
-    first l outputs are the causal ones, the bias added apart (the conv's own bias gradient is the slowest part of
-    its backward pass on a CPU): three times as fast as conv1d on (b, d, l), backward pass included. Recomputed in
+    Computed as a (1 x w) conv2d on x's own memory layout (channels-last: no transposed copy either way), x padded
+    with w - 1 zeros in front in that layout too (with the conv's own padding, its backward pass copied the
+    gradient into that layout), the bias added apart (the conv's own bias gradient is the slowest part of its
+    backward pass on a CPU): three times as fast as conv1d on (b, d, l), backward pass included. Recomputed in
     the backward pass from x, which the layer keeps anyway, rather than keeping the conv's output (as the official
     kernels do): a quarter of what a 784-step sequence kept for the backward pass, for 2 % more time."""
     return checkpoint(conv_silu, x, weight, bias, use_reentrant=False)
@@ -287,10 +291,9 @@ def causal_conv1d_silu(x, weight, bias=None):
 
 def conv_silu(x, weight, bias):
     # x : (b, l, d)  weight : (d, 1, w)  bias : (d,) or None
-    b, l, d = x.shape
-    w = weight.shape[-1]
-    out = F.conv2d(rearrange(x, "b l d -> b d 1 l"), weight[:, :, None], padding=(0, w - 1), groups=d)
-    out = rearrange(out[..., :l], "b d 1 l -> b l d")
+    d, w = x.shape[-1], weight.shape[-1]
+    x = F.pad(x, (0, 0, w - 1, 0))  # (b, w - 1 + l, d): the causal zeros in front
+    out = rearrange(F.conv2d(rearrange(x, "b l d -> b d 1 l"), weight[:, :, None], groups=d), "b d 1 l -> b l d")
     return F.silu(out if bias is None else out + bias)
 
 

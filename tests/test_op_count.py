@@ -8,14 +8,15 @@ import bench
 from vision_mamba2 import create_vision_mamba2_model
 
 
-def test_default_training_step_runs_at_most_470_aten_ops():
-    """bench.py profile: the top-level non-view aten ops of one training step (738 once, 398 before the CPU work of
-    docs/bench_ops.md, 466 now); batch 8, whose count is that of train.py's batch 128 (no op depends on the batch
-    size), in a fraction of the time."""
+def test_default_training_step_runs_at_most_490_aten_ops():
+    """bench.py profile: the top-level non-view aten ops of one training step (486); batch 8, whose count is that of
+    train.py's batch 128 (no op depends on the batch size), in a fraction of the time. Copies that an op makes
+    inside itself (a matmul's of an operand in the wrong layout) are not counted: the SSD's explicit .contiguous()
+    calls count here, and replace more copies than they add."""
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(8, 1, 28, 28, generator=gen), torch.randint(0, 10, (8,), generator=gen)
     ops = bench.launched_ops(bench.profiled_step(create_vision_mamba2_model(backend="portable"), x, y))
-    assert sum(ops.values()) <= 470, sorted(ops.items(), key=lambda kv: -kv[1])
+    assert sum(ops.values()) <= 490, sorted(ops.items(), key=lambda kv: -kv[1])
     assert ops["aten::_fused_adamw_"] == 1 and ops["aten::convolution_backward"] == 9  # all of the step: stem + 2 x 4
 
 

@@ -74,9 +74,10 @@ class ChunkDiagonal(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, C, B, dA_cs, xdt):
-        # the decays and inputs in matmul's order (b, g, r, c, ...) once, here: the decay matrices take dA_cs's
-        # layout, and a matmul copies each operand whose batch dimensions are not in that order, forward and back
-        dA_cs, xdt = dA_cs.contiguous(), xdt.contiguous()
+        # the decays in matmul's order (b, g, r, c, s), a small copy: the decay matrices take dA_cs's layout, and a
+        # matmul copies each operand whose batch dimensions are not in its order, forward and back. (xdt, which the
+        # matmuls copy too, is not: a copy saved here would double what a long sequence keeps for the backward pass.)
+        dA_cs = dA_cs.contiguous()
         with torch.autocast(xdt.device.type, enabled=False):  # fp32 matmuls under autocast too
             CB = (C @ B.transpose(-1, -2)).tril_()  # (b, g, c, t, s), causal: no head dimension, small
             ctx.save_for_backward(C, B, CB, dA_cs, xdt)

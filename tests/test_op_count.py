@@ -9,10 +9,10 @@ from vision_mamba2 import create_vision_mamba2_model
 
 
 def test_default_training_step_runs_at_most_490_aten_ops():
-    """bench.py profile: the top-level non-view aten ops of one training step (486); batch 8, whose count is that of
+    """bench.py profile: the top-level non-view aten ops of one training step (482); batch 8, whose count is that of
     train.py's batch 128 (no op depends on the batch size), in a fraction of the time. Copies that an op makes
     inside itself (a matmul's of an operand in the wrong layout) are not counted: the SSD's explicit .contiguous()
-    calls count here, and replace more copies than they add."""
+    counts here, and replaces more copies than it adds."""
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(8, 1, 28, 28, generator=gen), torch.randint(0, 10, (8,), generator=gen)
     ops = bench.launched_ops(bench.profiled_step(create_vision_mamba2_model(backend="portable"), x, y))

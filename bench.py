@@ -7,7 +7,8 @@ Benchmarks, each printing a markdown table: speed and memory claims live here, n
     python bench.py models --variant="--stem-width 24"   # and a model built from train.py's model flags
 
     models   training and inference img/s and activation memory of every model: Vision Mamba 2 (7x7 and 14x14
-             tokens; portable, and official kernels on CUDA), the sequential model, baselines.py's CNN and ViT
+             tokens; portable, and official kernels on CUDA), the sequential model, baselines.py's CNN and ViT;
+             --cuda-graphs: each model's training steps replayed from CUDA graphs too, as train.py --cuda-graphs
     scaling  a 4-block stack, Mamba-2 against attention, from 49 to 3,136 tokens: time and memory per token
     ssd      our SSD against mamba_ssm's ssd_minimal_discrete, forward and backward (needs mamba-ssm; CPU)
     profile  one training step of each model on the CPU: its aten ops (each at least one kernel launch on a GPU,
@@ -46,11 +47,10 @@ from vision_mamba2 import (ResidualMamba2Block, SequentialMamba2, SequentialMamb
 NEEDS_MAMBA_SSM = "compares against mamba-ssm's reference functions: install mamba-ssm (README)"
 
 
-def median_time(fn, repeats, warmup=1, device=torch.device("cpu")):
-    """Median seconds of fn() over `repeats` calls after `warmup` untimed ones. On CUDA each call is timed by
-    events recorded around it on the stream (the GPU's time up to its last kernel, not the launch's)."""
-    for _ in range(warmup):
-        fn()
+def median_time(fn, repeats, device=torch.device("cpu")):
+    """Median seconds of fn() over `repeats` calls after an untimed one. On CUDA each call is timed by events
+    recorded around it on the stream (the GPU's time up to its last kernel, not the launch's)."""
+    fn()
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -87,7 +87,7 @@ def trainer(model, *, amp, device, cache=True):
 
 def attempt(measure, device, may_fail=None):
     """(measure(), None), or (None, why) when the GPU ran out of memory or, where `may_fail` names what may go wrong
-    (compiling a model, capturing its CUDA graphs), that failed: the row says why and the run goes on."""
+    (capturing CUDA graphs), that failed: the row says why and the run goes on."""
     try:
         return measure(), None
     except Exception as e:
@@ -172,8 +172,7 @@ def measure_model(build, batch, mode, amp, args, device):
     base = torch.cuda.memory_allocated(device) if cuda else 0
 
     def run():
-        model = steps.compile_model(raw_model) if mode == "compiled" else raw_model
-        trained = model
+        trained = raw_model
         if mode == "CUDA graphs":  # captured for the training batch's shape; inference stays eager
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
                 trained = steps.GraphedTraining(raw_model, x[:batch])
@@ -181,14 +180,13 @@ def measure_model(build, batch, mode, amp, args, device):
 
         @torch.no_grad()
         def infer():
-            model.eval()
+            raw_model.eval()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                return model(x)
-        warmup = 3 if mode == "compiled" else 1  # a compiled model's warm-ups also record its CUDA graphs
-        t_train = median_time(lambda: step(x[:batch], y[:batch]), args.repeats, warmup, device=device)
-        t_infer = median_time(infer, args.repeats, warmup, device=device)
+                return raw_model(x)
+        t_train = median_time(lambda: step(x[:batch], y[:batch]), args.repeats, device=device)
+        t_infer = median_time(infer, args.repeats, device=device)
         saved = None
-        if mode == "eager":  # what autograd saves in an eager step (compiled or captured graphs: their own)
+        if mode == "eager":  # what autograd saves in an eager step (captured graphs keep their own)
             raw_model.train()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 saved = saved_activation_bytes(lambda: F.cross_entropy(raw_model(x[:batch]), y[:batch]))
@@ -196,25 +194,23 @@ def measure_model(build, batch, mode, amp, args, device):
                     activation_mib=None if saved is None else saved / 2**20,
                     peak_mib=(torch.cuda.max_memory_allocated(device) - base) / 2**20 if cuda else None)
 
-    measured, failed = attempt(run, device, {"compiled": "compile", "CUDA graphs": "CUDA graphs"}.get(mode))
+    measured, failed = attempt(run, device, "CUDA graphs" if mode == "CUDA graphs" else None)
     return dict(params=count_params(raw_model), failed=failed,
                 **(measured or dict.fromkeys(["train_img_s", "infer_img_s", "activation_mib", "peak_mib"])))
 
 
 def bench_models(args):
     """Whole models, training (forward + backward + AdamW step) and inference: images/s and memory, each on a batch
-    already on the device, as train.py's loop does. --compile / --cuda-graphs: each model once more that way."""
+    already on the device, as train.py's loop does. --cuda-graphs: each model once more that way."""
     device = cli.resolve_device(args.device)
     amp = device.type == "cuda" if args.amp is None else args.amp  # train.py's default: bf16 autocast on CUDA
     dtype = "bf16 autocast" if amp else "fp32"
-    modes = ["eager"] + ["compiled"] * args.compile + ["CUDA graphs"] * args.cuda_graphs
-    fastpath = torch.backends.mha.get_fastpath_enabled()
+    modes = ["eager"] + ["CUDA graphs"] * args.cuda_graphs
     rows = []
     for name, backend, build, batch in model_specs(args, device):
         for mode in modes:
             rows.append(dict(model=name, backend=backend, mode=mode, device=str(device), dtype=dtype, batch=batch,
                              **measure_model(build, batch, mode, amp, args, device)))
-            torch.backends.mha.set_fastpath_enabled(fastpath)  # compile_model turned it off: eager rows keep it
             write_json(args, "models", rows)  # row by row: a run cut short keeps what it measured
     print(f"\nWhole models on MNIST-sized images, {device} ({torch.get_num_threads()} threads), {dtype}; training = "
           f"forward + backward + AdamW step (inference: twice the batch, no grad); median of {args.repeats} after a "
@@ -445,8 +441,6 @@ def build_parser():
                         '--variant="--stem-width 24" (repeatable)')
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="models, profile: bf16 autocast (default: as train.py, on CUDA only)")
-    p.add_argument("--compile", action="store_true", help="models: also time each model through torch.compile, as "
-                   "train.py --compile runs it (after compiling: a minute or more per model)")
     p.add_argument("--cuda-graphs", action="store_true", help="models, CUDA only: also time each model's training "
                    "steps replayed from CUDA graphs, as train.py --cuda-graphs runs them (inference stays eager)")
     p.add_argument("--lengths", type=count, nargs="+", default=[49, 196, 784, 3136],

@@ -85,7 +85,7 @@ def test_a_row_that_runs_out_of_memory_says_so_and_the_rest_still_run(tmp_path, 
 
     calls = []
 
-    def median_time(fn, repeats, warmup=1, device=None):  # the second length of every stack runs out of memory
+    def median_time(fn, repeats, device=None):  # the second length of every stack runs out of memory
         calls.append(1)
         if len(calls) % 2 == 0:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 126.00 MiB")
@@ -113,46 +113,42 @@ def test_bad_input_is_one_line(argv, message, tmp_path):
 
 
 def test_model_rows_say_why_they_have_no_numbers_and_the_others_still_run(monkeypatch, capsys):
-    import torch
-
     import bench
 
-    def compile_model(model):  # stands in for torch.compile: fails on the ViT only
-        torch.backends.mha.set_fastpath_enabled(False)  # as the real one does
-        if isinstance(model, bench.ViT):
-            raise RuntimeError("a compiler bug")
-        return model
+    class GraphedTraining:  # stands in for capturing CUDA graphs: fails on the ViT only, else runs eagerly
+        def __new__(cls, model, sample):
+            if isinstance(model, bench.ViT):
+                raise RuntimeError("a capture bug")
+            return model
 
-    warmups, real_median_time = [], bench.median_time
+    calls, real_median_time = [], bench.median_time
 
-    def median_time(fn, repeats, warmup=1, device=torch.device("cpu")):  # the first model runs out of memory
-        warmups.append(warmup)
-        if len(warmups) == 1:
+    def median_time(fn, repeats, device=torch.device("cpu")):  # the first model runs out of memory
+        calls.append(fn)
+        if len(calls) == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 126.00 MiB")
-        return real_median_time(fn, repeats, warmup, device)
+        return real_median_time(fn, repeats, device)
 
-    monkeypatch.setattr(bench.steps, "compile_model", compile_model)
+    monkeypatch.setattr(bench.steps, "GraphedTraining", GraphedTraining)
     monkeypatch.setattr(bench, "median_time", median_time)
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    args = bench.parse_args(["models", "--compile", "--device", "cpu", "--repeats", "1", "--batch-size", "2",
+    args = bench.parse_args(["models", "--device", "cpu", "--repeats", "1", "--batch-size", "2",
                              "--seq-batch-size", "1"])
+    args.cuda_graphs = True  # parse_args refuses it without a GPU
     rows = bench.bench_models(args)
     assert [(r["model"].split()[0], r["mode"], r["failed"]) for r in rows] == [
-        ("Vision", "eager", "out of memory"), ("Vision", "compiled", None), ("Vision", "eager", None),
-        ("Vision", "compiled", None), ("sequential", "eager", None), ("sequential", "compiled", None),
-        ("CNN", "eager", None), ("CNN", "compiled", None), ("ViT", "eager", None),
-        ("ViT", "compiled", "compile failed (RuntimeError)")]
-    assert torch.backends.mha.get_fastpath_enabled() == fastpath  # eager rows keep PyTorch's fused attention
-    # compiled models warm up longer (CUDA graphs record then); training, then inference, per row
-    assert warmups == [1] + [3, 3, 1, 1] * 4
+        ("Vision", "eager", "out of memory"), ("Vision", "CUDA graphs", None), ("Vision", "eager", None),
+        ("Vision", "CUDA graphs", None), ("sequential", "eager", None), ("sequential", "CUDA graphs", None),
+        ("CNN", "eager", None), ("CNN", "CUDA graphs", None), ("ViT", "eager", None),
+        ("ViT", "CUDA graphs", "CUDA graphs failed (RuntimeError)")]
+    assert len(calls) == 1 + 2 * 8  # training, then inference, per measured row
     measured = [r for r in rows if not r["failed"]]
     assert all(r["train_img_s"] > 0 and r["infer_img_s"] > 0 for r in measured)
     # activation memory: eager only
     assert [r["activation_mib"] is None for r in measured] == [True, False, True, False, True, False, True, False]
     out, err = capsys.readouterr()
     assert "| Vision Mamba 2 | portable | eager | 475,498 | 2 | out of memory | - | - | - | - |" in out
-    assert "| ViT (baselines.py) | - | compiled | 462,154 | 2 | compile failed (RuntimeError) |" in out
-    assert "compile failed (RuntimeError): a compiler bug" in err
+    assert "| ViT (baselines.py) | - | CUDA graphs | 462,154 | 2 | CUDA graphs failed (RuntimeError) |" in out
+    assert "CUDA graphs failed (RuntimeError): a capture bug" in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")

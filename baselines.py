@@ -24,7 +24,7 @@ class CNNConfig(ModelConfig):
     in_chans: int = 1
     num_classes: int = 10
     width: int = knob(40, "channels of the first stage; then 2x and 4x: ~475K parameters")
-    dropout: float = knob(0.1, "dropout in the classifier head")
+    dropout: float = 0.1  # in the classifier head: a recipe constant, not a flag
 
     def validate(self):
         super().validate()
@@ -42,7 +42,7 @@ class ViTConfig(ModelConfig):
     num_blocks: int = knob(4, "Transformer blocks")
     heads: int = knob(4, "attention heads per block; d-model must be divisible by it")
     mlp_ratio: int = knob(2, "hidden width of each block's MLP, as a multiple of d-model")
-    dropout: float = knob(0.1, "dropout in the classifier head")
+    dropout: float = 0.1  # in the classifier head: a recipe constant, not a flag
 
     def validate(self):
         super().validate()

@@ -370,17 +370,6 @@ def learning_rate(step, *, lr, warmup_steps, total_steps):
 # ----------------------------------------------------------------------------------------------------
 # The run: what training carries from step to step and saves in its checkpoints
 
-def capture_graphs(run):
-    try:
-        with run.autocast():
-            sample = torch.zeros(run.args.batch_size, *DATASETS[run.args.dataset].shape, device=run.env.device)
-            run.train_model = GraphedTraining(run.raw_model, sample)
-    except Exception as e:
-        what = "ran out of GPU memory (lower --batch-size)" if isinstance(e, torch.OutOfMemoryError) else \
-            f"failed ({type(e).__name__}: {e})"
-        raise TrainingError(f"capturing the CUDA graphs {what}: train without --cuda-graphs") from None
-
-
 def restore(run, resume):
     """Carry on after the last epoch a checkpoint of checkpoint() finished."""
     run.raw_model.load_state_dict(resume["raw_model"] or resume["model"])
@@ -438,7 +427,14 @@ def setup(args, env, data, model, resume):
     if resume:
         restore(run, resume)
     if args.cuda_graphs:  # captured now, with the weights it starts from (graphing changes none of them)
-        capture_graphs(run)
+        try:
+            with run.autocast():
+                sample = torch.zeros(args.batch_size, *DATASETS[args.dataset].shape, device=env.device)
+                run.train_model = GraphedTraining(model, sample)
+        except Exception as e:
+            what = "ran out of GPU memory (lower --batch-size)" if isinstance(e, torch.OutOfMemoryError) else \
+                f"failed ({type(e).__name__}: {e})"
+            raise TrainingError(f"capturing the CUDA graphs {what}: train without --cuda-graphs") from None
     return run
 
 
@@ -669,14 +665,9 @@ def describe_run(run, resume):
         order = "row-major order" if seed is None else f"the order of --permutation-seed {seed}"
         print0(f"task {args.task}: {config.seq_len} pixels per image, one per step, in {order}")
     amp = str(run.amp_dtype).removeprefix("torch.") if run.use_amp else "off"
-    line = f"model: {args.arch}, {count_params(run.raw_model):,} parameters, device {env.device}, amp {amp}"
-    if args.cuda_graphs:
-        line += ", CUDA graphs"
-    if args.compile:
-        line += ", compiled"
-    if run.ema:
-        line += f", weight average (decay {run.ema.decay:.4g})"
-    print0(line)
+    ema = f", weight average (decay {run.ema.decay:.4g})" if run.ema else ""
+    print0(f"model: {args.arch}, {count_params(run.raw_model):,} parameters, device {env.device}, amp {amp}"
+           f"{', CUDA graphs' if args.cuda_graphs else ''}{', compiled' if args.compile else ''}{ema}")
     if args.arch == "mamba2":
         print0(f"backend: {describe_backend(args.backend, env.device)}")
     if env.ddp:
@@ -705,20 +696,16 @@ def train(argv):
             print0(run.train_model.counts())
         if status == 0:
             final_test(run, writer)
+    if dist.is_initialized():  # every rank got here (after an error torchrun ends the others)
+        dist.barrier()  # rank 0 may still be writing its files: the ranks leave together
+        dist.destroy_process_group()
     return status
 
 
 def main(argv=None):
     keep_freed_memory_in_process()
     rank = os.environ.get("RANK")  # set by torchrun: say which process failed
-
-    def run():
-        status = train(sys.argv[1:] if argv is None else argv)
-        if dist.is_initialized():  # every rank got here (after an error torchrun ends the others)
-            dist.barrier()  # rank 0 may still be writing its files: the ranks leave together
-            dist.destroy_process_group()
-        return status
-    sys.exit(exit_status(run, f" (rank {rank})" if rank else ""))
+    sys.exit(exit_status(lambda: train(sys.argv[1:] if argv is None else argv), f" (rank {rank})" if rank else ""))
 
 
 if __name__ == "__main__":

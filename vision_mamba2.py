@@ -95,7 +95,7 @@ class Mamba2Config(ModelConfig):
     headdim: int = knob(32, "channels per SSM head; d-model*expand must be divisible by it")
     ngroups: int = 1  # heads sharing one B and C
     chunk_size: int = 64  # the SSD's chunk length: the same result for any value; 64 is fastest on a CPU (bench.py)
-    dropout: float = knob(0.1, "dropout in the classifier head")
+    dropout: float = 0.1  # in the classifier head: a recipe constant, not a flag
     drop_path: float = knob(0.0, "stochastic depth: the chance that the last block's branch is skipped for an image "
                                  "in training, rising linearly from 0 for the first")
     backend: str = knob("auto", "Mamba-2 implementation: official (mamba-ssm's kernels, CUDA), portable (pure "

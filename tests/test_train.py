@@ -344,7 +344,7 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     (["--batch-size", "lots"], "--batch-size: expected an integer"),
     (["--lr", "-1"], "--lr: must be in (0"),
     (["--lr", "nan"], "--lr: must be in (0"),
-    (["--dropout", "1.5"], "--dropout: must be in [0, 1)"),
+    (["--drop-path", "1.5"], "--drop-path: must be in [0, 1)"),
     (["--dataset", "cifar10"], "--dataset: invalid choice"),
     (["--device", "toaster"], "--device: not a torch device"),
     (["--cuda-graphs", "--compile"], "--cuda-graphs and --compile exclude each other"),

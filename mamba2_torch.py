@@ -182,6 +182,41 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
     return y
 
 
+def non_causal_scan(x, dt, A, B, C, chunk_size=None, D=None, z=None, dt_bias=None, *, dt_softplus=False,
+                    dt_limit=(0.0, float("inf"))):
+    """VSSD's order-free SSD (Shu et al. 2024, "non-causal SSD"), with mamba_chunk_scan_combined's calling convention
+    (chunk_size unused): the causal mask and the decays between tokens dropped, every token writes into one state,
+    weighted by its dA = dt A, and every token reads that whole state:
+
+        y_i = C_i^T (sum_j dA_j B_j x_j^T) + D x_i
+
+    Linear attention with C as queries and B as keys (VSSD's "linear attention duality"): two matmuls, any token
+    order gives the same outputs, reordered. Shapes as mamba_chunk_scan_combined's.
+    """
+    b, l, h, p = x.shape
+    g = B.shape[2]
+    out_dtype = x.dtype
+    x, B, C = x.float(), B.float(), C.float()
+    dA = discretize_dt(dt, dt_bias, dt_softplus, dt_limit) * A.float()  # (b, l, h)
+    xdA = rearrange(x * dA[..., None], "b l (g r) p -> b l g (r p)", g=g)
+    state = torch.einsum("blgn,blgq->bgnq", B, xdA)  # (b, g, n, r*p): the whole sequence's state
+    y = rearrange(torch.einsum("blgn,bgnq->blgq", C, state), "b l g (r p) -> b l (g r) p", p=p)
+    if D is not None:
+        y = x * (D.float()[:, None] if D.dim() == 1 else D.float()) + y
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(out_dtype)
+
+
+def non_causal_ssd_matrix(dt, A, B, C, *, dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf"))):
+    """non_causal_scan as one matrix per head, as ssd_matrix for the causal SSD: M[b, h, i, j] = C_i . B_j dA_j,
+    no mask. Returns (b, h, l, l), fp32."""
+    g = B.shape[2]
+    dA = discretize_dt(dt, dt_bias, dt_softplus, dt_limit) * A.float()  # (b, l, h)
+    CB = torch.einsum("bign,bjgn->bgij", C.float(), B.float())  # (b, g, l, l)
+    return repeat(CB, "b g i j -> b (g r) i j", r=dA.shape[-1] // g) * rearrange(dA, "b l h -> b h 1 l")
+
+
 def discretize_dt(dt, dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf"))):
     """dt as the kernels compute it, in fp32: + dt_bias, softplus (threshold 20, as the kernels), clamped to dt_limit
     (after a softplus, whose output is >= 0, the default limits (0, inf) change nothing: that clamp is skipped)."""
@@ -385,16 +420,17 @@ class Mamba2(nn.Module):
         biases = [None] * 3 if self.in_proj.bias is None else self.in_proj.bias.split(sizes)
         return [F.linear(u, w, b) for w, b in zip(self.in_proj.weight.split(sizes), biases)]
 
-    def ssd_matrix(self, u):
-        """This layer's SSD matrix M (b, h, l, l) on input u (see the function ssd_matrix): x, dt, B and C come from u
-        as in mix(), and the scan's output is y[:, i, h] = sum_j M[:, h, i, j] x[:, j, h] + D x[:, i, h]."""
+    def ssd_matrix(self, u, *, matrix=ssd_matrix):
+        """This layer's SSD matrix M (b, h, l, l) on input u (see the function ssd_matrix; non_causal_ssd_matrix for
+        non_causal_scan): x, dt, B and C come from u as in mix(), and the scan's output is
+        y[:, i, h] = sum_j M[:, h, i, j] x[:, j, h] + D x[:, i, h]."""
         # u : (b, l, d_model)
         _, xBC, dt = self.in_proj_parts(u)
         xBC = causal_conv1d_silu(xBC, self.conv1d.weight, self.conv1d.bias)
         _, B, C = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         B, C = (rearrange(t, "b l (g n) -> b l g n", g=self.ngroups) for t in (B, C))
-        return ssd_matrix(dt, -torch.exp(self.A_log.float()), B, C, dt_bias=self.dt_bias, dt_softplus=True,
-                          dt_limit=self.dt_limit)
+        return matrix(dt, -torch.exp(self.A_log.float()), B, C, dt_bias=self.dt_bias, dt_softplus=True,
+                      dt_limit=self.dt_limit)
 
     def mix(self, u, *, scan, gated_norm):
         """The Mamba-2 forward with the SSD `scan` and `gated_norm` functions given (portable or official)."""

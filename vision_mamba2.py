@@ -5,7 +5,7 @@ Vision Mamba 2: an MNIST classifier built from Mamba-2 (SSD) blocks instead of C
        + learned 2-D position embedding
     -> num_blocks x VisionMambaBlock: a residual 3x3 depthwise conv on the grid (local_conv), then the whole 7x7
        grid as one 49-token sequence, read in one ("uni"), two ("bi", as Vim) or four ("cross", as VMamba)
-       directions by one Mamba-2 mixer
+       directions by one Mamba-2 mixer (or "nc": VSSD's non-causal SSD, in no direction)
     -> LayerNorm -> global average pool -> MLP head -> logits (B, 10)
 
 Two backends, one set of weights. On CUDA with mamba-ssm installed, the official Triton SSD kernels
@@ -34,9 +34,9 @@ from einops import rearrange
 from torchvision.ops import StochasticDepth
 
 from cli import HelpFormatter, Parser, add_config_flags, int_at_least
-from mamba2_torch import Mamba2
+from mamba2_torch import Mamba2, non_causal_scan, non_causal_ssd_matrix, rmsnorm_fn
 
-SCANS = {"uni": 1, "bi": 2, "cross": 4}  # scan mode -> number of directions
+SCANS = {"uni": 1, "bi": 2, "cross": 4, "nc": 1}  # scan mode -> number of directions (nc: order-free, non-causal)
 BACKENDS = ("auto", "official", "portable")
 READOUTS = ("mean", "last")  # SequentialMamba2's summary of the sequence: average over all steps, or the last
 
@@ -125,7 +125,8 @@ class VisionMamba2Config(Mamba2Config):
     patch_size: int = knob(4, "stride of the tokenizing conv (kernel 2p-1): 4 gives a 7x7 grid of tokens, 2 a "
                               "14x14 grid (4x the work, no more accurate)")
     scan: str = knob("bi", "directions each block reads the token grid in: uni (1), bi (2, forward and backward, "
-                           "so every token sees the whole image), cross (4, rows and columns)", choices=list(SCANS))
+                           "so every token sees the whole image), cross (4, rows and columns); nc: no direction, "
+                           "VSSD's non-causal SSD (every token reads one state all tokens write)", choices=list(SCANS))
     local_conv: bool = knob(True, "a residual 3x3 depthwise conv on the token grid at the start of each block, so "
                                   "each token mixes with its 8 neighbours")
     mlp_ratio: int = knob(0, "a residual channel MLP after the mixer in each block, this many times d-model wide "
@@ -282,9 +283,9 @@ class Mamba2Mixer(Mamba2):
     cache or device lookup, and has no graph break of its own. The kernels are chosen by the input's device, so a
     model moves freely between CPU and GPU."""
 
-    def __init__(self, *, backend, **mamba_kwargs):
+    def __init__(self, *, backend, causal=True, **mamba_kwargs):
         super().__init__(**mamba_kwargs)
-        self.backend = backend
+        self.backend, self.causal = backend, causal
 
     @property
     def backend(self):
@@ -302,13 +303,20 @@ class Mamba2Mixer(Mamba2):
         if kernels is None:
             if self.backend == "official":  # never the portable twin in its place: say why not (no GPU, no kernels)
                 resolve_backend("official", u.device)
+            if not self.causal:
+                return self.mix(u, scan=non_causal_scan, gated_norm=rmsnorm_fn)
             return super().forward(u)
         return self.forward_official(u, kernels)
+
+    def ssd_matrix(self, u):
+        return super().ssd_matrix(u) if self.causal else super().ssd_matrix(u, matrix=non_causal_ssd_matrix)
 
     def forward_official(self, u, kernels):
         """The same computation through mamba_ssm's kernels: its SSD scan and gated norm around our projections and
         conv, or, where causal-conv1d is installed, its one fused call (conv, scan, norm and both projections)."""
         # u : (B, L, D)
+        if not self.causal:  # the non-causal SSD is two matmuls in PyTorch: the official gated norm around it
+            return self.mix(u, scan=non_causal_scan, gated_norm=kernels.gated_norm)
         if kernels.fused is None:
             return self.mix(u, scan=kernels.scan, gated_norm=kernels.gated_norm)
         D = rearrange(self.D, "(h p) -> h p", p=self.headdim) if self.D_has_hdim else self.D
@@ -327,16 +335,18 @@ class Mamba2Mixer(Mamba2):
 
 
 def mamba2_mixer(c):
-    """The Mamba-2 mixer a Mamba2Config describes."""
+    """The Mamba-2 mixer a Mamba2Config describes (the sequence model's config has no scan: it reads causally)."""
     return Mamba2Mixer(d_model=c.d_model, d_state=c.d_state, d_conv=c.d_conv, expand=c.expand, headdim=c.headdim,
-                       ngroups=c.ngroups, chunk_size=c.chunk_size, backend=c.backend)
+                       ngroups=c.ngroups, chunk_size=c.chunk_size, backend=c.backend,
+                       causal=getattr(c, "scan", None) != "nc")
 
 
 def scan_orders(scan, h, w):
     """Token orders (k, h*w) of a scan mode's k directions over a row-major h x w grid."""
     grid = torch.arange(h * w).view(h, w)
     rows, cols = grid.flatten(), grid.t().flatten()
-    orders = {"uni": [rows], "bi": [rows, rows.flip(0)], "cross": [rows, rows.flip(0), cols, cols.flip(0)]}
+    orders = {"uni": [rows], "bi": [rows, rows.flip(0)], "cross": [rows, rows.flip(0), cols, cols.flip(0)],
+              "nc": [rows]}
     return torch.stack(orders[scan])
 
 

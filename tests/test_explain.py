@@ -17,9 +17,9 @@ import checkpoint as checkpoint_module  # `checkpoint` is test_evaluate's fixtur
 import explain
 import mamba2_torch
 import test_model
+import vision_mamba2
 from checkpoint import rebuild_model
 from helpers import REPO, load, run_script, train_in_process
-from mamba2_torch import mamba_chunk_scan_combined
 from vision_mamba2 import SCANS, VisionMamba2, VisionMamba2Config
 from test_evaluate import checkpoint, run  # noqa: F401 (checkpoint: the tiny trained model, a fixture)
 from test_sequential import TINY_FLAGS as SEQUENTIAL_FLAGS
@@ -318,20 +318,23 @@ def tiny_vision_mamba2(scan):
                                            backend="portable")).eval()
 
 
-@pytest.mark.parametrize("scan", ["uni", "bi", "cross"])
+@pytest.mark.parametrize("scan", ["uni", "bi", "cross", "nc"])
 def test_the_grid_matrices_give_each_directions_scan_in_grid_order(scan, monkeypatch):
     """M_grid[d] applied to the scan's input x laid out on the grid is the scan's output laid out on the grid, the
-    way the block puts each step's output back onto the token it read (block.order): P_d^T M_d P_d is right."""
+    way the block puts each step's output back onto the token it read (block.order): P_d^T M_d P_d is right. For
+    the non-causal SSD (nc) too: its matrix has no mask."""
     model, x = tiny_vision_mamba2(scan), torch.randn(2, 1, 28, 28)
     scans = []
+    module, name = (vision_mamba2, "non_causal_scan") if scan == "nc" else (mamba2_torch, "mamba_chunk_scan_combined")
+    scan_fn = getattr(module, name)
 
     def recorded(*args, **kwargs):
-        y = mamba_chunk_scan_combined(*args, **kwargs)
+        y = scan_fn(*args, **kwargs)
         scans.append((args[0], y, kwargs["D"]))
         return y
-    monkeypatch.setattr(mamba2_torch, "mamba_chunk_scan_combined", recorded)
+    monkeypatch.setattr(module, name, recorded)
     inputs = explain.mixer_inputs(model, x)
-    assert [u.shape for u in inputs] == [(2 * SCANS[scan], 49, 16)] * 2
+    assert [u.shape for u in inputs] == [(2 * SCANS[scan], 49, 16)] * 2 and len(scans) == len(model.blocks)
     for block, u, (xs, ys, D) in zip(model.blocks, inputs, scans):
         # xs, ys : (B*k, L, h, p) in reading order
         M = explain.grid_order(block.mixer.ssd_matrix(u), block.order)  # (B, k, h, L, L)

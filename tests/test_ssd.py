@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
-from mamba2_torch import Mamba2, mamba_chunk_scan_combined, rmsnorm_fn, ssd_matrix
+from mamba2_torch import (Mamba2, mamba_chunk_scan_combined, non_causal_scan, non_causal_ssd_matrix, rmsnorm_fn,
+                          ssd_matrix)
 from vision_mamba2 import load_official_kernels
 
 
@@ -236,6 +237,35 @@ def test_ssd_matrix_is_the_scan(l, chunk, g, extras):
     assert (M.triu(diagonal=1) == 0).all() and (M.diagonal(dim1=-2, dim2=-1) != 0).all()
     y = torch.einsum("bhij,bjhp->bihp", M, x) + x * D[:, None]
     assert rel_err(y, mamba_chunk_scan_combined(x, dt, A, B, C, chunk, D=D, **kw)) <= 1e-5
+
+
+@pytest.mark.parametrize("g", [1, 2])
+@pytest.mark.parametrize("extras", [False, True])
+def test_non_causal_scan_by_its_definition_and_order_free(g, extras):
+    """non_causal_scan against its definition in float64, y_i = C_i^T sum_j (dt_j A) B_j x_j^T + D x_i (then
+    * silu(z)), forward and gradients; its matrix form gives the same y (without z); and reading the tokens in
+    another order gives the same outputs, reordered."""
+    inp = make_inputs(l=49, g=g, extras=extras)
+    x, dt, A, B, C = (inp[k] for k in "x dt A B C".split())
+    D, z = inp.get("D"), inp.get("z")
+    kw = dict(dt_bias=inp["dt_bias"], dt_softplus=True) if extras else {}
+    dt_eff = F.softplus(dt.double() + inp["dt_bias"].double()) if extras else dt.double()
+    dA = dt_eff * A.double()  # (b, l, h)
+    state = torch.einsum("bjhn,bjhp,bjh->bhpn", heads(B, x.shape[2]).double(), x.double(), dA)
+    ref = torch.einsum("bhpn,bihn->bihp", state, heads(C, x.shape[2]).double())
+    if D is not None:
+        ref = ref + x.double() * D.double()[:, None]
+    if z is not None:
+        ref = ref * F.silu(z.double())
+    assert_close(non_causal_scan(x, dt, A, B, C, None, D=D, z=z, **kw), ref, inp)
+    with torch.no_grad():
+        M = non_causal_ssd_matrix(dt, A, B, C, **kw)
+        y = non_causal_scan(x, dt, A, B, C, None, D=D, **kw)
+        assert rel_err(torch.einsum("bhij,bjhp->bihp", M, x) + (0 if D is None else x * D[:, None]), y) <= 1e-5
+        perm = torch.randperm(49, generator=torch.Generator().manual_seed(2))
+        shuffled = non_causal_scan(x[:, perm], dt[:, perm], A, B[:, perm], C[:, perm], None, D=D,
+                                   z=None if z is None else z[:, perm], **kw)
+        assert rel_err(shuffled, non_causal_scan(x, dt, A, B, C, None, D=D, z=z, **kw)[:, perm]) <= 1e-6
 
 
 @pytest.mark.parametrize("group_size", [None, 32, 8])

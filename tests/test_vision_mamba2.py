@@ -23,7 +23,7 @@ def tiny_block(*, grid=4, drop_path=0.0, local_conv=False, **config):
     return VisionMambaBlock(c, drop_path=drop_path)
 
 
-@pytest.mark.parametrize("scan", ["uni", "bi", "cross"])
+@pytest.mark.parametrize("scan", ["uni", "bi", "cross", "nc"])
 def test_forward_backward_shapes(scan):
     torch.manual_seed(0)
     model = create_vision_mamba2_model(**TINY, scan=scan)
@@ -56,6 +56,19 @@ def test_local_conv_mixes_2d_neighbours_that_the_scan_reads_later(local_conv):
     params = sum(p.numel() for p in block.parameters())
     plain = sum(p.numel() for p in tiny_block(scan="uni").parameters())
     assert params - plain == (16 * 9 + 16 if local_conv else 0)  # one 3x3 filter and a bias per channel
+
+
+@pytest.mark.parametrize("scan", ["uni", "nc"])
+def test_the_non_causal_scan_lets_the_first_token_read_the_last(scan):
+    """One pass in one order: a causal scan's first token reads no other token (uni); VSSD's non-causal SSD (nc)
+    lets every token read every other, the last included."""
+    torch.manual_seed(0)
+    block = tiny_block(scan=scan).eval()
+    x = torch.randn(2, 16, 4, 4)
+    moved = x.clone()
+    moved[:, :, 3, 3] += torch.randn(2, 16)  # not a constant over the channels, which the block's LayerNorm removes
+    assert torch.allclose(block(moved)[:, :, 0, 0], block(x)[:, :, 0, 0]) == (scan == "uni")
+    assert block.mixer.causal == (scan == "uni") and len(block.order) == 1
 
 
 @pytest.mark.parametrize("scan", ["uni", "bi", "cross"])

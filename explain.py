@@ -322,12 +322,12 @@ UNREAD = "#3d7cc9"  # the pixels a sequential model has not read yet: blue, apar
 @torch.no_grad()
 def accuracy_while_reading(model, split, steps):
     """A SequentialMamba2's test accuracy after each of `steps` pixels read (the last = seq_len). The model is
-    causal, so one parallel pass per batch tells what it knows after every step (readout_at_every_step): the same
+    causal, so one parallel pass per batch tells what it knows after every step (readout_after_steps): the same
     numbers as seq_len recurrent steps, a hundred times faster on a CPU."""
     correct = dict.fromkeys(steps, 0)
     for x, y in tqdm(split.batches(), total=split.num_batches, desc="reading", unit="batch", leave=False,
                      dynamic_ncols=True):
-        logits = readout_at_every_step(model, x, at=steps)  # (B, len(steps), classes)
+        logits = readout_after_steps(model, x, at=steps)  # (B, len(steps), classes)
         for i, t in enumerate(steps):
             correct[t] += int((logits[:, i].argmax(dim=1) == y).sum())
     return {t: n / split.num_samples for t, n in correct.items()}
@@ -339,7 +339,7 @@ def probabilities_while_reading(model, x):
     return torch.stack([logits.float().softmax(dim=1) for _, logits in model.step_logits(x)], dim=1).cpu().numpy()
 
 
-def readout_at_every_step(model, x, at=None):
+def readout_after_steps(model, x, at=None):
     """(n, seq_len, classes): the logits after each step from one parallel pass: the model is causal, so step t's
     features saw only the pixels read by then, and the readout after t steps is the head on the mean of their first
     t (or on the t-th), as step_logits computes it step by step. at: only after these step counts (n, len(at), ...)."""
@@ -353,7 +353,7 @@ def readout_at_every_step(model, x, at=None):
 def probabilities_at_every_step(model, x):
     """probabilities_while_reading's numbers (n, seq_len, classes) from one parallel pass instead of seq_len
     recurrent steps."""
-    return readout_at_every_step(model, x).float().softmax(dim=-1).cpu().numpy()
+    return readout_after_steps(model, x).float().softmax(dim=-1).cpu().numpy()
 
 
 def partly_read(image, order, t):

@@ -696,16 +696,20 @@ def train(argv):
             print0(run.train_model.counts())
         if status == 0:
             final_test(run, writer)
-    if dist.is_initialized():  # every rank got here (after an error torchrun ends the others)
-        dist.barrier()  # rank 0 may still be writing its files: the ranks leave together
-        dist.destroy_process_group()
     return status
 
 
 def main(argv=None):
     keep_freed_memory_in_process()
     rank = os.environ.get("RANK")  # set by torchrun: say which process failed
-    sys.exit(exit_status(lambda: train(sys.argv[1:] if argv is None else argv), f" (rank {rank})" if rank else ""))
+
+    def run():
+        status = train(sys.argv[1:] if argv is None else argv)
+        if dist.is_initialized():  # every rank got here (after an error torchrun ends the others)
+            dist.barrier()  # rank 0 may still be writing its files: the ranks leave together
+            dist.destroy_process_group()
+        return status
+    sys.exit(exit_status(run, f" (rank {rank})" if rank else ""))
 
 
 if __name__ == "__main__":

@@ -366,7 +366,9 @@ class VisionMambaBlock(nn.Module):
     exactly mamba_ssm's. Then the whole H x W grid is one sequence, so information crosses rows. Each direction of
     the scan is a reordering of that sequence; all directions share one mixer (batched together in one call) and
     get a learned direction embedding so the mixer knows which way it reads. Outputs are put back in grid order
-    and averaged. With mlp_ratio, a pre-norm residual MLP on each token's channels follows (MetaFormer, as VMamba).
+    and averaged. With scan "nc" there is one pass and its SSD has no direction (VSSD's non-causal form; the mixer's
+    short conv still looks back along the row-major order). With mlp_ratio, a pre-norm residual MLP on each token's
+    channels follows (MetaFormer, as VMamba).
     """
 
     def __init__(self, config, *, drop_path=0.0):

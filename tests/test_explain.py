@@ -359,6 +359,17 @@ def test_attention_maps_average_heads_and_directions():
         assert (forward.tril(-1) > 0).any() and (backward.triu(1) > 0).any()
 
 
+def test_the_non_causal_models_attention_figure_says_which_matrix_it_draws():
+    """--scan nc: the maps are its unmasked matrices, and the caption says so (not the causal form's L o C B^T)."""
+    model, x = tiny_vision_mamba2("nc"), torch.randn(2, 1, 28, 28)
+    maps = explain.attention_maps(model, x)
+    assert maps.shape == (2, 2, 49, 49) and (maps.triu(1) > 0).any()  # tokens read later tokens too
+    fig = explain.plot_attention(x[:, 0].numpy(), ["a", "b"], maps.numpy(), name="nc.pth", directions=0)
+    fig.savefig(io.BytesIO(), format="png")  # renders the caption's mathtext
+    caption = fig._suptitle.get_text()
+    assert "non-causal SSD" in caption and "scan directions" not in caption and r"L \circ" not in caption
+
+
 def test_attention_draws_the_figure(checkpoint, data_dir, tmp_path, capsys):  # noqa: F811
     status, out, err = run(["--checkpoint", checkpoint, "--data-dir", data_dir, "--out-dir", tmp_path,
                             "--attention", "--device", "cpu"], capsys)

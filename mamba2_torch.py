@@ -170,13 +170,7 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
         y_off, final_states = checkpoint(off_diagonal, xdt, Bc, Cc, dA_cs, initial_states, use_reentrant=False)
         y = y + y_off
 
-    y = rearrange(y, "b g r c t p -> b (c t) (g r) p")[:, :l]
-    if D is not None:
-        # x D first: the sum takes x's (b, l, h, p) layout, so the caller's (b, l, h*p) view copies nothing
-        y = x * (D.float()[:, None] if D.dim() == 1 else D.float()) + y
-    if z is not None:
-        y = y * F.silu(z.float())
-    y = y.to(out_dtype)
+    y = skip_and_gate(rearrange(y, "b g r c t p -> b (c t) (g r) p")[:, :l], x, D, z, out_dtype)
     if return_final_states:
         return y, rearrange(final_states, "b g r p n -> b (g r) p n")
     return y
@@ -201,7 +195,14 @@ def non_causal_scan(x, dt, A, B, C, chunk_size=None, D=None, z=None, dt_bias=Non
     xdA = rearrange(x * dA[..., None], "b l (g r) p -> b l g (r p)", g=g)
     state = torch.einsum("blgn,blgq->bgnq", B, xdA)  # (b, g, n, r*p): the whole sequence's state
     y = rearrange(torch.einsum("blgn,bgnq->blgq", C, state), "b l g (r p) -> b l (g r) p", p=p)
+    return skip_and_gate(y, x, D, z, out_dtype)
+
+
+def skip_and_gate(y, x, D, z, out_dtype):
+    """The SSD's output y (b, l, h, p) with its skip connection D x added and, where given, the silu(z) gate, cast
+    back to the inputs' dtype: the end of both scans."""
     if D is not None:
+        # x D first: the sum takes x's (b, l, h, p) layout, so the caller's (b, l, h*p) view copies nothing
         y = x * (D.float()[:, None] if D.dim() == 1 else D.float()) + y
     if z is not None:
         y = y * F.silu(z.float())

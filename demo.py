@@ -207,14 +207,23 @@ def views(reader, shown, query, t):
     return shown.message, seen, top3, panel
 
 
+def attention_note(config):
+    """What the attention panel draws, for this model's scan."""
+    if config.scan == "nc":
+        return ("**Hidden attention**: each block's non-causal SSD is y = M x, one matrix M = C Bᵀ diag(dt A) per "
+                "head (no mask, no decay: every token reads one state all tokens write); shown: |M| averaged over "
+                "the heads.")
+    return ("**Hidden attention**: each block's Mamba-2 scan is y = M x, one matrix M = L ∘ C Bᵀ per head (the SSD "
+            "as masked attention); shown: |M| averaged over the heads and scan directions.")
+
+
 def model_controls(gr, reader):
     """(token row, token column, pixels read, the panel they steer): sliders for what this model shows, and
     Gradio States for what it has not, so that every handler takes all three."""
     row = col = pixels = gr.State(1)
     if reader.has_attention:
         grid = reader.grid
-        gr.Markdown("**Hidden attention**: each block's Mamba-2 scan is y = M x, one matrix M = L ∘ C Bᵀ per "
-                    "head (the SSD as masked attention); shown: |M| averaged over the heads and scan directions.")
+        gr.Markdown(attention_note(reader.model.config))
         with gr.Row():
             row = gr.Slider(1, grid, value=grid // 2 + 1, step=1, label="token row", elem_id="row")
             col = gr.Slider(1, grid, value=grid // 2 + 1, step=1, label="token column", elem_id="col")

@@ -82,6 +82,35 @@ def test_auto_takes_the_official_kernels_when_they_run(gpu_with, capsys):
     assert capsys.readouterr().err == ""
 
 
+class OnCuda(torch.Tensor):
+    """A CPU tensor that says it is on CUDA: the mixer's dispatch, seen without a GPU."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+@pytest.mark.parametrize("scan", ["bi", "nc"])
+def test_a_cuda_input_goes_to_the_kernels_the_mixer_holds_and_a_cpu_input_to_the_twin(gpu_with, scan, monkeypatch):
+    """Mamba2Mixer.forward on backend 'auto' where the official kernels run: a CUDA input goes to forward_official
+    with the kernels settled when the model was built (no lookup on the way, as test_the_forward_looks_nothing_up
+    needs on a GPU), a CPU input to the portable twin; the non-causal SSD (scan nc) as the causal one."""
+    kernels = gpu_with(None)
+    model = create_vision_mamba2_model(**TINY, scan=scan)
+    official = []
+
+    def forward_official(self, u, kernels):
+        official.append(kernels)
+        return torch.zeros(u.shape)
+    mixer, u = model.blocks[0].mixer, torch.randn(2, 49, 16)
+    with monkeypatch.context() as patch:  # undone before gpu_with's teardown, which clears a lookup's cache
+        for name in LOOKUPS:
+            patch.setattr(vision_mamba2, name, lambda *args, **kwargs: pytest.fail("the forward looked up"))
+        patch.setattr(vision_mamba2.Mamba2Mixer, "forward_official", forward_official)
+        assert not mixer(u).eq(0).all() and official == []
+        assert mixer(u.as_subclass(OnCuda)).eq(0).all() and official == [kernels]
+
+
 def test_first_call_failure_runs_the_official_kernel():
     """The real gated RMSNorm kernel (interpreted on the CPU) runs; one that raises is named with its error."""
     official_cpu = pytest.importorskip("official_cpu")

@@ -278,8 +278,9 @@ def assert_same_pass(official_pass, portable_pass):
 
 @pytest.mark.parametrize("case", list(MIXER_CASES))
 def test_mixer_on_the_official_kernels_matches_the_portable_path(official_backend, case):
-    """Mamba2Mixer.forward with backend 'official' (mix with the official scan and gated norm, or the fused kernel)
-    against backend 'portable', same weights: outputs, input and parameter gradients."""
+    """Mamba2Mixer.forward_official, what forward runs for a CUDA input on backend 'official' (mix with the official
+    scan and gated norm, or the fused kernel), against backend 'portable', same weights: outputs, input and parameter
+    gradients. (That forward hands CUDA inputs to it: tests/test_backend.py.)"""
     from vision_mamba2 import Mamba2Mixer
 
     c = MIXER_CASES[case]

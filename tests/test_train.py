@@ -21,7 +21,7 @@ import steps
 import test_model
 import train
 from helpers import PROC_ENV, REPO, load, metrics_on_the_test_set
-from vision_mamba2 import create_vision_mamba2_model
+from vision_mamba2 import VisionMamba2, create_vision_mamba2_model
 
 TINY = ["--d-model", "16", "--num-blocks", "1", "--d-state", "16", "--headdim", "8", "--batch-size", "32",
         "--lr", "1e-2", "--device", "cpu", "--seed", "0"]
@@ -413,14 +413,27 @@ def test_errors_in_a_real_process_have_no_traceback(data_dir, tmp_path):
     assert "train-images-idx3-ubyte" in missing.stderr
 
 
-def test_mixed_precision_run_on_cpu_end_to_end(data_dir, tmp_path, capsys):
+def test_mixed_precision_run_on_cpu_end_to_end(data_dir, tmp_path, capsys, monkeypatch):
     """--amp trains under bf16 autocast (what CUDA does by default); validation and the final test run in fp32, so
     test_model.py finds the accuracy train.py printed for the same checkpoint."""
+    forward, calls = VisionMamba2.forward, []
+
+    def recording_forward(self, x):  # every forward: training or not, under which autocast
+        calls.append((self.training, torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")))
+        return forward(self, x)
+    monkeypatch.setattr(VisionMamba2, "forward", recording_forward)
     assert run_main([*TINY, "--data-dir", data_dir, "--out", tmp_path / "m.pth",
                      "--epochs", 2, "--amp", "--scan", "cross", "--local-conv"]) == 0
     assert "amp bfloat16" in capsys.readouterr().out
+    assert {autocast for training, autocast in calls if training} == {torch.bfloat16}
+    assert {autocast for training, autocast in calls if not training} == {False}  # validation and test: fp32
     best = load(tmp_path / "m.pth")
     assert best["args"]["amp"] is True
+    model = create_vision_mamba2_model(**best["config"])
+    model.load_state_dict(best["model"])
+    with torch.no_grad():
+        assert best["metrics"]["test_loss"] == pytest.approx(metrics_on_the_test_set(model, best, data_dir)[0],
+                                                             rel=1e-5)  # bf16 would be ~1e-3 away
     with pytest.raises(SystemExit) as exit_info:
         test_model.main(["--checkpoint", str(tmp_path / "m.pth"), "--data-dir", str(data_dir), "--out-dir",
                          str(tmp_path), "--device", "cpu"])

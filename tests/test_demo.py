@@ -183,16 +183,14 @@ def test_a_sequential_model_shows_its_reading(readout, tmp_path):
 
 
 def test_a_non_causal_model_shows_its_maps_and_says_which_matrix_they_are(shipped, tmp_path):
-    """--scan nc: the maps of its one order-free pass, and a note that names that matrix (no mask, no directions),
-    where the default model's names the causal form over its scan directions."""
+    """--scan nc: the maps of its one order-free pass (their values: tests/test_explain.py), and a note that names
+    that matrix (no mask, no directions), where the default model's names the causal form over its scan directions."""
     torch.manual_seed(0)
     model = VisionMamba2(VisionMamba2Config(d_model=16, num_blocks=2, d_state=8, headdim=8, scan="nc",
                                             backend="portable")).eval()
     reader = demo.open_reader(write_checkpoint(tmp_path / "nc.pth", model, "image"))
     shown = demo.answer(reader, canvas("7"), "the canvas")
-    x = (torch.as_tensor(shown.digit)[None, None] - 0.1307) / 0.3081
-    np.testing.assert_allclose(shown.maps, explain.attention_maps(model, x)[0].numpy())
-    assert shown.maps.shape == (2, 49, 49) and (shown.maps > 0).all()  # no mask: every token reads every token
+    assert shown.maps.shape == (2, 49, 49) and (shown.maps > 0).all()  # one map per block, over every token pair
     note, default_note = demo.attention_note(model.config), demo.attention_note(shipped.model.config)
     assert "C Bᵀ diag(dt A)" in note and "directions" not in note and "L ∘" not in note
     assert "L ∘ C Bᵀ" in default_note and "scan directions" in default_note

@@ -334,11 +334,10 @@ class Mamba2Mixer(Mamba2):
 # Model
 
 
-def mamba2_mixer(c):
-    """The Mamba-2 mixer a Mamba2Config describes (the sequence model's config has no scan: it reads causally)."""
+def mamba2_mixer(c, *, causal=True):
+    """The Mamba-2 mixer a Mamba2Config describes; causal=False: the non-causal SSD in place of the scan."""
     return Mamba2Mixer(d_model=c.d_model, d_state=c.d_state, d_conv=c.d_conv, expand=c.expand, headdim=c.headdim,
-                       ngroups=c.ngroups, chunk_size=c.chunk_size, backend=c.backend,
-                       causal=getattr(c, "scan", None) != "nc")
+                       ngroups=c.ngroups, chunk_size=c.chunk_size, backend=c.backend, causal=causal)
 
 
 def scan_orders(scan, h, w):
@@ -379,7 +378,7 @@ class VisionMambaBlock(nn.Module):
         self.local = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim) if c.local_conv else None
         self.drop_path = StochasticDepth(drop_path, mode="row")  # per sample, in training only
         self.norm = nn.LayerNorm(dim)
-        self.mixer = mamba2_mixer(c)
+        self.mixer = mamba2_mixer(c, causal=c.scan != "nc")
         # MetaFormer's second half: each token's channels mixed on their own, as in a ViT block
         self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, c.mlp_ratio * dim), nn.GELU(),
                                  nn.Linear(c.mlp_ratio * dim, dim)) if c.mlp_ratio else None

@@ -72,8 +72,9 @@ RECIPES = {"smnist": {**NO_AUGMENTATION, "epochs": 30, "ema": 0.0},
 RESUME_MAY_CHANGE = {"epochs", "patience", "device", "amp", "compile", "cuda_graphs", "data_dir", "out", "resume"}
 
 
-def build_parser(task="image", arch="mamba2"):
-    """train.py's flags; the model group holds those of the (task, arch) model's config."""
+def build_parser(task="image", arch="mamba2", dataset="mnist"):
+    """train.py's flags; the model group holds those of the (task, arch) model's config, and the defaults are the
+    task's and the dataset's recipe (RECIPES), so that --help shows what a run of them uses."""
     p = Parser(prog="train.py", formatter_class=HelpFormatter,
                description="Train Vision Mamba 2 (or the CNN / ViT baselines, or a sequential model) on MNIST-like "
                            "data. The defaults are the recipe measured in docs/results.md.",
@@ -119,6 +120,7 @@ def build_parser(task="image", arch="mamba2"):
                    help="best checkpoint; *_last.pth, *.json, training_history.png and TensorBoard's runs/ go beside "
                         "it (default: named after model, task and dataset, e.g. vision_mamba2_mnist.pth)")
     g.add_argument("--resume", metavar="PATH", default=None, help="continue the run saved in this *_last.pth")
+    p.set_defaults(**{**RECIPES.get(dataset, {}), **RECIPES.get(task, {})})  # a sequential task is never warped
     return p
 
 
@@ -175,7 +177,7 @@ def parse_args(argv):
     """(args, the checkpoint to resume or None). The model flags depend on --task and --arch (a resumed run's: on its
     checkpoint's), so those are read first."""
     first = argparse.ArgumentParser(add_help=False)
-    for flag in ("--task", "--arch", "--resume"):
+    for flag in ("--task", "--arch", "--dataset", "--resume"):
         first.add_argument(flag)
     known, _ = first.parse_known_args(argv)
     resume = load_checkpoint(known.resume, "--resume") if known.resume else None
@@ -188,7 +190,7 @@ def parse_args(argv):
         if task in {t for t, _ in MODELS} and arch in {a for _, a in MODELS}:
             raise UsageError(f"--arch {arch} is an image classifier: --task {task} takes only --arch mamba2")
         build_parser().parse_args(argv)  # an unknown --task or --arch: argparse's one line, with the choices
-    parser = build_parser(task, arch)
+    parser = build_parser(task, arch, known.dataset or "mnist")
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         refuse_unknown(unknown, task, arch, parser)
@@ -196,9 +198,6 @@ def parse_args(argv):
     if resume:
         merge_resume_args(args, resume["args"], given)
     else:
-        for key, value in {**RECIPES.get(args.task, {}), **RECIPES.get(args.dataset, {})}.items():
-            if key not in given:
-                setattr(args, key, value)
         args.out = args.out or default_out(args.task, args.arch, args.dataset)
         # TensorBoard's folder for this run; a resumed run logs on into its own (the name is in its args)
         model = "" if args.arch == "mamba2" else args.arch + "-"

@@ -5,6 +5,7 @@ MNIST layout (raw IDX files), so nothing is downloaded. Run from the repository 
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -244,6 +245,26 @@ def test_a_run_on_another_dataset_leaves_the_mnist_checkpoint_alone(data_dir, tm
     assert load(tmp_path / "vision_mamba2_mnist.pth")["args"]["aug_rotate"] == 15
     assert run_main([*common, "--dataset", "fashion-mnist", "--aug-rotate", 5, "--out", tmp_path / "f.pth"]) == 0
     assert load(tmp_path / "f.pth")["args"]["aug_rotate"] == 5 and load(tmp_path / "f.pth")["args"]["aug_scale"] == 0
+
+
+@pytest.mark.parametrize("argv,recipe", [
+    ([], dict(epochs=10, ema=0.999, aug_translate=3.0, aug_rotate=15.0)),
+    (["--dataset", "fashion-mnist"], dict(epochs=10, ema=0.999, aug_translate=2.0, aug_rotate=0.0)),
+    (["--task", "smnist"], dict(epochs=30, ema=0.0, aug_translate=0.0, aug_rotate=0.0)),
+    (["--task", "psmnist", "--dataset", "fashion-mnist"], dict(epochs=30, ema=0.0, aug_translate=0.0, aug_rotate=0.0)),
+])
+def test_each_task_and_dataset_runs_and_shows_its_own_recipe(argv, recipe, capsys):
+    """The defaults a run takes are those its --help shows; a sequential task is never warped, whatever the
+    dataset's own augmentation (a warp moves pixels to other steps of the sequence)."""
+    args, _ = train.parse_args([*argv, "--device", "cpu"])
+    assert {key: getattr(args, key) for key in recipe} == recipe
+    with pytest.raises(SystemExit):
+        train.parse_args([*argv, "--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps the help lines
+    flags = re.split(r" (?=--[a-z])", shown)  # one piece per flag (and per mention of one in a help line)
+    for key, value in recipe.items():
+        own = [f for f in flags if f.startswith(f"--{key.replace('_', '-')} {key.upper()} ")]
+        assert len(own) == 1 and f"(default: {value})" in own[0], (key, value, own)
 
 
 def test_ema_validates_checkpoints_and_resumes_the_average_of_the_weights(data_dir, tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-TOTAL_S = 570  # the whole command: inside a 600 s limit, with time to pack OUT
+TOTAL_S = 570  # the whole command, steps and all: under ten minutes
 KILL_AFTER = 10  # seconds between a step's SIGINT (train.py saves where it stands) and its SIGKILL
 DRY_BUDGET = 240  # a dry run's per step, with no limit in all: it only catches a hang, however busy the CPU
 MNIST = [f"{split}-{kind}-ubyte" for split in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")]

@@ -175,7 +175,7 @@ def check_args(args, given):
 
 def parse_args(argv):
     """(args, the checkpoint to resume or None). The model flags depend on --task and --arch (a resumed run's: on its
-    checkpoint's), so those are read first."""
+    checkpoint's) and the defaults on --task and --dataset, so those are read first."""
     first = argparse.ArgumentParser(add_help=False)
     for flag in ("--task", "--arch", "--dataset", "--resume"):
         first.add_argument(flag)

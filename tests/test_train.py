@@ -253,7 +253,7 @@ def test_a_run_on_another_dataset_leaves_the_mnist_checkpoint_alone(data_dir, tm
     (["--task", "smnist"], dict(epochs=30, ema=0.0, aug_translate=0.0, aug_rotate=0.0)),
     (["--task", "psmnist", "--dataset", "fashion-mnist"], dict(epochs=30, ema=0.0, aug_translate=0.0, aug_rotate=0.0)),
 ])
-def test_each_task_and_dataset_runs_and_shows_its_own_recipe(argv, recipe, capsys):
+def test_each_task_and_dataset_takes_the_recipe_its_help_shows(argv, recipe, capsys):
     """The defaults a run takes are those its --help shows; a sequential task is never warped, whatever the
     dataset's own augmentation (a warp moves pixels to other steps of the sequence)."""
     args, _ = train.parse_args([*argv, "--device", "cpu"])

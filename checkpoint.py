@@ -8,7 +8,7 @@ A checkpoint is a dict:
     config          the model's config as a dict: rebuilds exactly the trained model
     args            train.py's flags ("task" and "arch" pick the model class)
     dataset, normalization, epoch, metrics
-and, in the *_last.pth that --resume reads, the optimizer and schedule state besides.
+and, in the *_last.pth that --resume reads, the optimizer state and the run's history besides (run_checkpoint).
 """
 
 import dataclasses
@@ -51,15 +51,37 @@ def atomic_write(path, write):
         raise
 
 
-def save_checkpoint(checkpoint, path):
-    atomic_write(path, lambda f: torch.save(checkpoint, f))
-
-
 # every checkpoint has these; "format" changes whenever what a checkpoint holds changes meaning
 CHECKPOINT_KEYS = ("format", "model", "config", "args", "dataset", "normalization")
-
-
 CHECKPOINT_FORMAT = 1
+
+
+def run_checkpoint(run, epoch):
+    """A checkpoint of train.py's run after `epoch`: what rebuild_model needs, and what --resume needs to go on."""
+    ema, raw = run.ema, run.raw_model
+    return {"format": CHECKPOINT_FORMAT, "model": (ema.module if ema else raw).state_dict(),
+            "config": dataclasses.asdict(raw.config), "args": dict(vars(run.args)),
+            "dataset": run.args.dataset, "normalization": {"mean": run.data.mean, "std": run.data.std},
+            "epoch": epoch, "metrics": dict(run.metrics), "raw_model": raw.state_dict() if ema else None,
+            "ema_decay": ema.decay if ema else None, "ema_updates": ema.updates if ema else 0,
+            "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
+            "best_val_acc": run.best_val_acc, "best_epoch": run.best_epoch, "history": run.history}
+
+
+def restore_run(run, ckpt):
+    """Put a run_checkpoint back into train.py's run, which carries on after the epoch it finished."""
+    run.raw_model.load_state_dict(ckpt["raw_model"] or ckpt["model"])
+    if run.ema:
+        run.ema.module.load_state_dict(ckpt["model"])
+        run.ema.updates = ckpt["ema_updates"]
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scaler.load_state_dict(ckpt["scaler"])
+    run.history, run.metrics = ckpt["history"], ckpt["metrics"]
+    run.start_epoch, run.best_val_acc, run.best_epoch = ckpt["epoch"], ckpt["best_val_acc"], ckpt["best_epoch"]
+
+
+def save_checkpoint(checkpoint, path):
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
 def load_checkpoint(path, flag="--checkpoint"):

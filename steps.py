@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
+from cli import TrainingError
+
 
 def training_step(model, x, y, *, optimizer, criterion, scaler, autocast, grad_clip):
     """Forward under autocast, loss in fp32, backward (scaled for fp16), clip, AdamW step. Returns (logits, loss)."""
@@ -101,6 +103,16 @@ class GraphedTraining(nn.Module):
     def counts(self):
         return (f"CUDA graphs: {self.replayed} training steps replayed, {self.eager_steps} run eagerly (batches of "
                 f"another size than {self.shape[0]})")
+
+
+def graph_training(model, sample):
+    """GraphedTraining(model, sample), or a TrainingError that says why the capture failed."""
+    try:
+        return GraphedTraining(model, sample)
+    except Exception as e:
+        what = "ran out of GPU memory (lower --batch-size)" if isinstance(e, torch.OutOfMemoryError) else \
+            f"failed ({type(e).__name__}: {e})"
+        raise TrainingError(f"capturing the CUDA graphs {what}: train without --cuda-graphs") from None
 
 
 def keep_freed_memory_in_process():

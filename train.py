@@ -7,10 +7,9 @@ Train Vision Mamba 2 on MNIST (or Fashion-MNIST; or the CNN / ViT baselines; or 
     python train.py --task psmnist                    # sequential MNIST: one pixel per step, in a fixed random order
     torchrun --nproc_per_node=4 train.py              # 4 GPUs (DistributedDataParallel; on CPU: 4 processes)
 
-The file reads top to bottom: flags, data, model, optimizer and schedule, the epoch loop, validation and
-checkpoints, the final test, main. Each split of the dataset lives on the device as one uint8 tensor (data.py), so
-the hot loop never touches PIL or a DataLoader. Model selection and early stopping look at a validation split
-carved from the training set; the test set is evaluated once, at the end.
+Read top to bottom: flags, processes, data, model, optimizer and schedule, the epoch loop, the final test, main.
+Each split lives on the device as one uint8 tensor (data.py): the hot loop never touches PIL or a DataLoader. Model
+selection and early stopping look at a validation split of the training set; the test set is used once, at the end.
 
 Outputs: the best-on-validation checkpoint (--out), a resumable last checkpoint next to it (*_last.pth), the run's
 numbers as JSON (*.json), training_history.png, and TensorBoard logs in runs/<run-name>/, all beside --out.
@@ -42,11 +41,12 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision import transforms
 from tqdm import tqdm
 
-from checkpoint import CHECKPOINT_FORMAT, MODELS, atomic_write, load_checkpoint, model_kind, save_checkpoint
+from checkpoint import (MODELS, atomic_write, load_checkpoint, model_kind, restore_run, run_checkpoint,
+                        save_checkpoint)
 from cli import (HelpFormatter, Parser, TrainingError, UsageError, add_config_flags, device_name, exit_status,
                  float_in, given_flags, int_at_least, resolve_device)
 from data import DATASETS, DeviceSplit, load_datasets, random_affine
-from steps import GraphedTraining, WeightAverage, compile_model, keep_freed_memory_in_process, training_step
+from steps import WeightAverage, compile_model, graph_training, keep_freed_memory_in_process, training_step
 from vision_mamba2 import count_params, describe_backend
 
 # ----------------------------------------------------------------------------------------------------
@@ -317,9 +317,9 @@ def load_data(args, env):
 # ----------------------------------------------------------------------------------------------------
 # Model
 
-def model_config(args):
-    """The config the flags describe, completed by what the dataset dictates, checked before any data is loaded."""
-    config_cls, _ = MODELS[args.task, args.arch]
+def build_model(args, device):
+    """The model the flags describe, completed by what the dataset dictates, built before any data is loaded."""
+    config_cls, model_cls = MODELS[args.task, args.arch]
     info = DATASETS[args.dataset]
     c, h, w = info.shape
     seed = getattr(args, "permutation_seed", None)
@@ -331,14 +331,6 @@ def model_config(args):
     try:
         config = config_cls(**{k: v for k, v in {**vars(args), **from_data}.items() if k in fields})
         config.validate()
-    except ValueError as e:
-        raise UsageError(f"invalid model configuration: {e}") from None
-    return config
-
-
-def build_model(args, config, device):
-    _, model_cls = MODELS[args.task, args.arch]
-    try:
         return model_cls(config).to(device)
     except (ValueError, RuntimeError) as e:
         raise UsageError(f"invalid model configuration: {e}") from None
@@ -367,31 +359,7 @@ def learning_rate(step, *, lr, warmup_steps, total_steps):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The run: what training carries from step to step and saves in its checkpoints
-
-def restore(run, resume):
-    """Carry on after the last epoch a checkpoint of checkpoint() finished."""
-    run.raw_model.load_state_dict(resume["raw_model"] or resume["model"])
-    if run.ema:
-        run.ema.module.load_state_dict(resume["model"])
-        run.ema.updates = resume["ema_updates"]
-    run.optimizer.load_state_dict(resume["optimizer"])
-    run.scaler.load_state_dict(resume["scaler"])
-    run.history, run.metrics = resume["history"], resume["metrics"]
-    run.start_epoch, run.best_val_acc, run.best_epoch = resume["epoch"], resume["best_val_acc"], resume["best_epoch"]
-
-
-def checkpoint(run, epoch):
-    """Everything test_model.py needs to rebuild the model (checkpoint.py), and what --resume needs to go on."""
-    return {"format": CHECKPOINT_FORMAT, "model": (run.ema.module if run.ema else run.raw_model).state_dict(),
-            "config": dataclasses.asdict(run.raw_model.config), "args": dict(vars(run.args)),
-            "dataset": run.args.dataset, "normalization": {"mean": run.data.mean, "std": run.data.std},
-            "epoch": epoch, "metrics": dict(run.metrics),
-            "raw_model": run.raw_model.state_dict() if run.ema else None,
-            "ema_decay": run.ema.decay if run.ema else None, "ema_updates": run.ema.updates if run.ema else 0,
-            "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
-            "best_val_acc": run.best_val_acc, "best_epoch": run.best_epoch, "history": run.history}
-
+# The run: what training carries from step to step (checkpoint.py saves and restores it)
 
 def setup(args, env, data, model, resume):
     """The model as it trains (raw_model; compiled, DDP or graphed for the steps; with --ema also the average of its
@@ -424,16 +392,11 @@ def setup(args, env, data, model, resume):
     run.history = {k: [] for k in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_sec",
                                    *(["val_acc_raw"] if run.ema else []))}
     if resume:
-        restore(run, resume)
+        restore_run(run, resume)
     if args.cuda_graphs:  # captured now, with the weights it starts from (graphing changes none of them)
-        try:
-            with run.autocast():
-                sample = torch.zeros(args.batch_size, *DATASETS[args.dataset].shape, device=env.device)
-                run.train_model = GraphedTraining(model, sample)
-        except Exception as e:
-            what = "ran out of GPU memory (lower --batch-size)" if isinstance(e, torch.OutOfMemoryError) else \
-                f"failed ({type(e).__name__}: {e})"
-            raise TrainingError(f"capturing the CUDA graphs {what}: train without --cuda-graphs") from None
+        with run.autocast():
+            run.train_model = graph_training(model, torch.zeros(args.batch_size, *DATASETS[args.dataset].shape,
+                                                                device=env.device))
     return run
 
 
@@ -604,7 +567,7 @@ def fit(run, writer):
         improved = validate(run, epoch, train_metrics)
         if env.master:
             log_scalars(run, epoch, writer)
-            ckpt = checkpoint(run, epoch)
+            ckpt = run_checkpoint(run, epoch)
             if improved:
                 save_checkpoint(ckpt, best_path)
             save_checkpoint(ckpt, last_path)
@@ -681,10 +644,9 @@ def train(argv):
     """The whole run; returns the exit status (0, or 130 after Ctrl-C)."""
     started = time.perf_counter()
     args, resume = parse_args(argv)
-    config = model_config(args)
     env = start_processes(args)
-    data = load_data(args, env)
-    run = setup(args, env, data, build_model(args, config, env.device), resume)
+    model = build_model(args, env.device)
+    run = setup(args, env, load_data(args, env), model, resume)
     run.started = started
     describe_run(run, resume)
     writer = SummaryWriter(os.path.join(output_paths(args)[-1], args.run_name),

@@ -207,14 +207,11 @@ def views(reader, shown, query, t):
     return shown.message, seen, top3, panel
 
 
-def attention_note(config):
-    """What the attention panel draws, for this model's scan."""
-    if config.scan == "nc":
-        return ("**Hidden attention**: each block's non-causal SSD is y = M x, one matrix M = C Bᵀ diag(dt A) per "
-                "head (no mask, no decay: every token reads one state all tokens write); shown: |M| averaged over "
-                "the heads.")
-    return ("**Hidden attention**: each block's Mamba-2 scan is y = M x, one matrix M = L ∘ C Bᵀ per head (the SSD "
-            "as masked attention); shown: |M| averaged over the heads and scan directions.")
+def attention_note(model):
+    """What the attention panel draws, for this model's blocks."""
+    form, over = explain.attention_matrix(model)
+    return f"**Hidden attention**: each block's Mamba-2 scan is y = M x, one matrix {form}; shown: |M| averaged " \
+           f"over {over}."
 
 
 def model_controls(gr, reader):
@@ -223,7 +220,7 @@ def model_controls(gr, reader):
     row = col = pixels = gr.State(1)
     if reader.has_attention:
         grid = reader.grid
-        gr.Markdown(attention_note(reader.model.config))
+        gr.Markdown(attention_note(reader.model))
         with gr.Row():
             row = gr.Slider(1, grid, value=grid // 2 + 1, step=1, label="token row", elem_id="row")
             col = gr.Slider(1, grid, value=grid // 2 + 1, step=1, label="token column", elem_id="col")

@@ -259,10 +259,21 @@ def query_tokens(image, grid):
     return sorted({int(on_ink[0]), int(on_ink[-1])})[:QUERIES]
 
 
-def plot_attention(images, titles, maps, *, name, directions):
+def attention_matrix(model):
+    """(what each block's matrix M is, what the maps average it over), in the words of the attention figure and of
+    demo.py's page: a causal block's SSD is masked attention in each scan direction; the non-causal SSD of --scan nc
+    has no mask, no decay and no direction."""
+    block = model.blocks[0]
+    if not block.mixer.causal:
+        return "M = C Bᵀ diag(dt A) per head (the non-causal SSD: no mask, no decay)", "the heads"
+    return ("M = L ∘ C Bᵀ per head (the SSD as masked attention)",
+            f"the heads and the {len(block.order)} scan directions, each mapped back to the grid")
+
+
+def plot_attention(images, titles, maps, *, name, matrix):
     """images (n, 28, 28) in [0, 1], a title each, maps (n, blocks, L, L) from attention_maps of the model in the
-    checkpoint `name`, whose blocks scan in `directions` directions (0: the non-causal SSD, no direction): per digit
-    a panel of rows, the pooled output's shares and one per query token, with a column per block."""
+    checkpoint `name`, and its attention_matrix: per digit a panel of rows, the pooled output's shares and one per
+    query token, with a column per block."""
     n, blocks, L, _ = maps.shape
     width = max(2.0 * (blocks + 1) + 1.2, 13)  # the caption's width at least
     fig = plt.figure(figsize=(width, (1 + QUERIES) * 2.0 * n + 1.4), layout="constrained")
@@ -276,16 +287,10 @@ def plot_attention(images, titles, maps, *, name, directions):
             attention_row(axes[r], image, share / share.sum(axis=-1, keepdims=True), q)
         for b in range(blocks):
             axes[0, b + 1].set_title(f"block {b + 1}", fontsize=10)
-    grid = math.isqrt(L)
-    if directions:
-        form = r"matrix $M = L \circ (C B^\top)$ per head (the SSD as masked attention;"
-        shown = f"the heads and over the {directions} scan directions, each mapped back to the grid"
-    else:
-        form = r"matrix $M = C B^\top \mathrm{diag}(dt\,A)$ per head (the non-causal SSD: no mask, no decay;"
-        shown = "the heads"
-    fig.suptitle(f"{name}: how each block's Mamba-2 mixes the {grid}x{grid} tokens. Its scan is $y = Mx$, one {form}\n"
-                 f"the short conv before it, the gate and the skip $Dx$ are not in $M$). Shown: $|M|$ averaged over "
-                 f"{shown}.\n"
+    grid, (form, over) = math.isqrt(L), matrix
+    fig.suptitle(f"{name}: how each block's Mamba-2 mixes the {grid}x{grid} tokens. Its scan is y = Mx, one matrix "
+                 f"{form};\nthe short conv before it, the gate and the skip Dx are not in M. Shown: |M| averaged over "
+                 f"{over}.\n"
                  "Rows 'pooled output': how much each token feeds the mean over tokens (the mean of M's rows); "
                  "'query token': what that token (green) takes from each token (its row of M).\n"
                  f"Each map is scaled to sum to 1 over the tokens (uniform: 1/{L} = {1 / L:.3f}); one colour scale "

@@ -226,7 +226,7 @@ def draw_attention(args, model, split, classes, norm):
     out = os.path.join(args.out_dir, "attention.png")
     maps = explain.attention_maps(model, x).numpy()
     save_figure(explain.plot_attention(images[:, 0].cpu().numpy(), titles, maps, name=os.path.basename(args.checkpoint),
-                                       directions=0 if model.config.scan == "nc" else len(model.blocks[0].order)), out)
+                                       matrix=explain.attention_matrix(model)), out)
     print(f"wrote {out}")
     return 0
 

@@ -191,9 +191,9 @@ def test_a_non_causal_model_shows_its_maps_and_says_which_matrix_they_are(shippe
     reader = demo.open_reader(write_checkpoint(tmp_path / "nc.pth", model, "image"))
     shown = demo.answer(reader, canvas("7"), "the canvas")
     assert shown.maps.shape == (2, 49, 49) and (shown.maps > 0).all()  # one map per block, over every token pair
-    note, default_note = demo.attention_note(model.config), demo.attention_note(shipped.model.config)
+    note, default_note = demo.attention_note(model), demo.attention_note(shipped.model)
     assert "C Bᵀ diag(dt A)" in note and "directions" not in note and "L ∘" not in note
-    assert "L ∘ C Bᵀ" in default_note and "scan directions" in default_note
+    assert "L ∘ C Bᵀ" in default_note and "the 2 scan directions" in default_note
 
 
 def test_a_baseline_is_answered_without_maps(tmp_path):

@@ -364,10 +364,11 @@ def test_the_non_causal_models_attention_figure_says_which_matrix_it_draws():
     model, x = tiny_vision_mamba2("nc"), torch.randn(2, 1, 28, 28)
     maps = explain.attention_maps(model, x)
     assert maps.shape == (2, 2, 49, 49) and (maps.triu(1) > 0).any()  # tokens read later tokens too
-    fig = explain.plot_attention(x[:, 0].numpy(), ["a", "b"], maps.numpy(), name="nc.pth", directions=0)
-    fig.savefig(io.BytesIO(), format="png")  # renders the caption's mathtext
+    fig = explain.plot_attention(x[:, 0].numpy(), ["a", "b"], maps.numpy(), name="nc.pth",
+                                 matrix=explain.attention_matrix(model))
+    fig.savefig(io.BytesIO(), format="png")  # renders the caption
     caption = fig._suptitle.get_text()
-    assert "non-causal SSD" in caption and "scan directions" not in caption and r"L \circ" not in caption
+    assert "non-causal SSD" in caption and "scan directions" not in caption and "L ∘" not in caption
 
 
 def test_attention_draws_the_figure(checkpoint, data_dir, tmp_path, capsys):  # noqa: F811

@@ -198,11 +198,10 @@ def parse_args(argv):
     if resume:
         merge_resume_args(args, resume["args"], given)
     else:
-        args.out = args.out or default_out(args.task, args.arch, args.dataset)
+        name = default_out(args.task, args.arch, args.dataset)
+        args.out = args.out or name
         # TensorBoard's folder for this run; a resumed run logs on into its own (the name is in its args)
-        model = "" if args.arch == "mamba2" else args.arch + "-"
-        task = "" if args.task == "image" else args.task + "-"
-        args.run_name = f"{model}{task}{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        args.run_name = f"{name.removesuffix('.pth')}-{time.strftime('%Y%m%d-%H%M%S')}"
     check_args(args, given)
     return args, resume
 

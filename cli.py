@@ -89,7 +89,7 @@ def add_config_flags(group, config_cls, *, every_field=False):
             group.add_argument(flag, choices=f.metadata["choices"], type=int if f.type is int else str, **kwargs)
         else:
             kind = {int: int_at_least(1), float: float_in(0, 1, hi_open=True)}.get(f.type, int_at_least(0))
-            group.add_argument(flag, type=kind, **kwargs)
+            group.add_argument(flag, type=kind, metavar="RATE" if f.type is float else "N", **kwargs)
 
 
 def given_flags(parser, argv):

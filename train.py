@@ -86,27 +86,29 @@ def build_parser(task="image", arch="mamba2", dataset="mnist"):
                         "random pixel order")
     g.add_argument("--dataset", choices=list(DATASETS), default="mnist",
                    help="mnist1d: Greydanus' 40-step signals, for --task smnist/psmnist")
-    g.add_argument("--data-dir", default="./data", help="torchvision root: <data-dir>/MNIST/raw/ and the like")
-    g.add_argument("--max-train-samples", type=int_at_least(1), default=None,
+    g.add_argument("--data-dir", default="./data", metavar="DIR",
+                   help="torchvision root: <data-dir>/MNIST/raw/ and the like")
+    g.add_argument("--max-train-samples", type=int_at_least(1), default=None, metavar="N",
                    help="train on only this many images, for quick runs (default: all)")
     g = p.add_argument_group("augmentation: a random affine warp of each training image (0 = off)")
-    g.add_argument("--aug-translate", type=float_in(0, 14), default=3.0, help="maximum shift in pixels")
-    g.add_argument("--aug-rotate", type=float_in(0, 180), default=15.0, help="maximum rotation in degrees")
-    g.add_argument("--aug-scale", type=float_in(0, 1, hi_open=True), default=0.15, help="maximum zoom, a fraction")
+    g.add_argument("--aug-translate", type=float_in(0, 14), default=3.0, metavar="PX", help="maximum shift")
+    g.add_argument("--aug-rotate", type=float_in(0, 180), default=15.0, metavar="DEG", help="maximum rotation")
+    g.add_argument("--aug-scale", type=float_in(0, 1, hi_open=True), default=0.15, metavar="FRAC",
+                   help="maximum zoom, a fraction")
     g = p.add_argument_group(f"model: {task}/{arch} (vision_mamba2.py, baselines.py)")
     g.add_argument("--arch", choices=sorted({a for _, a in MODELS}), default="mamba2",
                    help="mamba2: Vision Mamba 2; cnn, vit: baselines of about its size")
     add_config_flags(g, MODELS[task, arch][0])
     g = p.add_argument_group("optimization: AdamW, warmup and cosine decay, label smoothing, gradient clipping")
-    g.add_argument("--epochs", type=int_at_least(1), default=10, help="passes over the training split")
-    g.add_argument("--batch-size", type=int_at_least(1), default=128, help="images per step and process")
+    g.add_argument("--epochs", type=int_at_least(1), default=10, metavar="N", help="passes over the training split")
+    g.add_argument("--batch-size", type=int_at_least(1), default=128, metavar="N", help="images per step and process")
     g.add_argument("--lr", type=float_in(0, lo_open=True), default=2e-3, help="peak learning rate")
     g.add_argument("--ema", type=float_in(0, 1, hi_open=True), default=0.999,
                    help="decay of the weights' moving average that is validated, saved and tested (0 = off)")
-    g.add_argument("--patience", type=int_at_least(0), default=None,
+    g.add_argument("--patience", type=int_at_least(0), default=None, metavar="N",
                    help="stop after this many epochs without a better validation accuracy (default: half of "
                         "--epochs, at least 5; 0 = never)")
-    g.add_argument("--seed", type=int_at_least(0), default=0,
+    g.add_argument("--seed", type=int_at_least(0), default=0, metavar="N",
                    help="seeds initialisation, the validation split, shuffling, augmentation and dropout")
     g = p.add_argument_group("runtime and output")
     g.add_argument("--device", type=device_name, default="auto", help="auto: cuda, then mps, then cpu")
@@ -116,7 +118,7 @@ def build_parser(task="image", arch="mamba2", dataset="mnist"):
                    help="torch.compile the model: minutes of compiling, then faster GPU steps")
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
                    help="replay the training step as CUDA graphs (one GPU, not with --compile)")
-    g.add_argument("--out", default=None,
+    g.add_argument("--out", default=None, metavar="PATH",
                    help="best checkpoint; *_last.pth, *.json, training_history.png and TensorBoard's runs/ go beside "
                         "it (default: named after model, task and dataset, e.g. vision_mamba2_mnist.pth)")
     g.add_argument("--resume", metavar="PATH", default=None, help="continue the run saved in this *_last.pth")

@@ -79,7 +79,7 @@ def test_baseline_trains_resumes_and_evaluates(arch, flags, model_cls, data_dir,
     assert "test: loss" in proc.stdout and "Traceback" not in proc.stderr
     ckpt = load(out)
     assert ckpt["args"]["arch"] == arch and not (tmp_path / "vision_mamba2_mnist.pth").exists()
-    assert any((tmp_path / "runs").glob(f"{arch}-mnist-*"))  # the run name says the arch
+    assert any((tmp_path / "runs").glob(f"{arch}_mnist-*"))  # the run is named after its checkpoint
 
     # resume without --arch: the checkpoint's architecture carries on
     proc = run("train.py", "--resume", tmp_path / f"{arch}_mnist_last.pth", "--epochs", "2", "--out", out, *common)

@@ -263,7 +263,7 @@ def test_each_task_and_dataset_takes_the_recipe_its_help_shows(argv, recipe, cap
     shown = " ".join(capsys.readouterr().out.split())  # argparse wraps the help lines
     flags = re.split(r" (?=--[a-z])", shown)  # one piece per flag (and per mention of one in a help line)
     for key, value in recipe.items():
-        own = [f for f in flags if f.startswith(f"--{key.replace('_', '-')} {key.upper()} ")]
+        own = [f for f in flags if re.match(f"--{key.replace('_', '-')} [A-Z]+ ", f)]  # the flag and its metavar
         assert len(own) == 1 and f"(default: {value})" in own[0], (key, value, own)
 
 

@@ -27,13 +27,10 @@ import sys
 import time
 import types
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: we only ever write PNG files
-import matplotlib.pyplot as plt
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
@@ -527,7 +524,8 @@ def log_scalars(run, epoch, writer):
 
 def plot_history(history, path, *, augmented):
     epochs = range(1, len(history["train_loss"]) + 1)
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))  # not pyplot's: nothing to show, no backend to pick, nothing to close
+    ax_loss, ax_acc = fig.subplots(1, 2)
     averaged = "val_acc_raw" in history  # --ema: validation scored the weights' average
     for ax, key, scale, title in [(ax_loss, "loss", 1, "loss (with label smoothing)"),
                                   (ax_acc, "acc", 100, "accuracy (%)")]:
@@ -543,7 +541,6 @@ def plot_history(history, path, *, augmented):
         ax.legend()
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    plt.close(fig)
 
 
 def fit(run, writer):

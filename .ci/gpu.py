@@ -109,26 +109,21 @@ def parse(flow, argv):
         p.error(f"unknown {sorted(unknown)[0]!r}: choose from {','.join(choices)}")
     args.out.mkdir(parents=True, exist_ok=True)
     args.cold = not any((args.cache_dir / "triton").glob("*"))
-    args.data = prepare_data(p, args)
-    return p, args
-
-
-def prepare_data(p, args):
-    """The MNIST root the steps read: --data-dir or ./data (checked), or for a dry run random digits in OUT."""
-    if args.dry_run and args.data_dir is None:
+    fake = args.dry_run and args.data_dir is None  # random digits in OUT
+    args.data = args.out / "data" if fake else args.data_dir or REPO / "data"  # the MNIST root the steps read
+    raw = args.data / "MNIST" / "raw"
+    if fake:
         import numpy as np
-        raw, rng = args.out / "data" / "MNIST" / "raw", np.random.default_rng(0)
         raw.mkdir(parents=True, exist_ok=True)
-        for split, n in [("train", 160), ("t10k", 64)]:
-            for kind, magic, array in [("images-idx3", 2051, rng.integers(0, 256, (n, 28, 28))),
-                                       ("labels-idx1", 2049, rng.integers(0, 10, n))]:  # the IDX format
-                header = np.array([magic, *array.shape], dtype=">u4").tobytes()
-                (raw / f"{split}-{kind}-ubyte").write_bytes(header + array.astype(np.uint8).tobytes())
-        return args.out / "data"
-    raw = (args.data_dir or REPO / "data") / "MNIST" / "raw"
+        rng = np.random.default_rng(0)
+        for name in MNIST:  # IDX: big-endian 0x08 (unsigned bytes) + the number of dimensions, each size, the bytes
+            n = 160 if name.startswith("train") else 64
+            array = rng.integers(0, 256, (n, 28, 28)) if "images" in name else rng.integers(0, 10, n)
+            header = np.array([0x800 + array.ndim, *array.shape], dtype=">u4").tobytes()
+            (raw / name).write_bytes(header + array.astype(np.uint8).tobytes())
     if missing := [f for f in MNIST if not (raw / f).exists() and not (raw / f"{f}.gz").exists()]:
         p.error(f"MNIST is not in {raw}{os.sep} (no {', '.join(missing)}, .gz or not): pass --data-dir")
-    return raw.parents[1]
+    return p, args
 
 
 def child_env(args):

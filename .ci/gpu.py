@@ -44,8 +44,17 @@ class Steps:
     """Runs the steps one by one and rewrites OUT/summary.json after each."""
 
     def __init__(self, flow, args):
-        self.flow, self.args, self.env = flow, args, child_env(args)
-        self.t0, self.planned, self.records = time.monotonic(), 0, {}
+        # Triton compiled (not interpreted), the cache's mamba-ssm (--wheels) first on the path, unbuffered logs;
+        # a dry run's as the test suite's: one thread, and an unreachable proxy (no download)
+        cache, proxy = args.cache_dir, "http://127.0.0.1:9"
+        env = {k: v for k, v in os.environ.items()
+               if k != "TRITON_INTERPRET" and not (args.dry_run and k.lower() == "no_proxy")}
+        if args.dry_run:
+            env.update(OMP_NUM_THREADS="1", http_proxy=proxy, https_proxy=proxy, HTTP_PROXY=proxy, HTTPS_PROXY=proxy)
+        self.env = {**env, "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg", "TRITON_CACHE_AUTOTUNING": "1",
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(cache / "site"), env.get("PYTHONPATH")])),
+                    "TRITON_CACHE_DIR": str(cache / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor")}
+        self.flow, self.args, self.t0, self.planned, self.records = flow, args, time.monotonic(), 0, {}
 
     def run(self, name, cmd=None, *, skip=None, output=None, read=read_json):
         """cmd until its deadline, then SIGINT and SIGKILL, and read(output) once it ended, cut or not (output is
@@ -124,21 +133,6 @@ def parse(flow, argv):
     if missing := [f for f in MNIST if not (raw / f).exists() and not (raw / f"{f}.gz").exists()]:
         p.error(f"MNIST is not in {raw}{os.sep} (no {', '.join(missing)}, .gz or not): pass --data-dir")
     return p, args
-
-
-def child_env(args):
-    """The steps' environment: Triton compiled (not interpreted), one cache for its kernels and autotuning and for
-    torch.compile, --wheels' mamba-ssm first on the path, unbuffered logs; a dry run as the test suite (one thread,
-    and an unreachable proxy: no download)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not (args.dry_run and
-                                                                                 k.lower() == "no_proxy")}
-    if args.dry_run:
-        env.update(OMP_NUM_THREADS="1", **dict.fromkeys(["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"],
-                                                        "http://127.0.0.1:9"))
-    return {**env, "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg", "TRITON_CACHE_AUTOTUNING": "1",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(args.cache_dir / "site"), env.get("PYTHONPATH")])),
-            "TRITON_CACHE_DIR": str(args.cache_dir / "triton"),
-            "TORCHINDUCTOR_CACHE_DIR": str(args.cache_dir / "inductor")}
 
 
 def describe_environment(path):
@@ -278,7 +272,7 @@ def summarize(steps):
 def main(flow, argv):
     p, args = parse(flow, argv)
     steps, plan = Steps(flow, args), gpu_plan(args) if flow == "gpu" else sequential_plan(args)
-    if args.wheels:  # into the cache, which child_env puts first on the steps' path
+    if args.wheels:  # into the cache, first on the steps' path
         steps.run("install", [PY, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--upgrade", "--target",
                               args.cache_dir / "site", *args.wheels.glob("*.whl")])
     else:

@@ -1,7 +1,5 @@
-"""
-What only a CUDA GPU measures, in one command of at most TOTAL_S seconds: `gpu` (.ci/gpu) and `gpu-sequential`
-(.ci/gpu-sequential). Steps, budgets, OUT/summary.json and the design: docs/gpu.md.
-"""
+"""What only a CUDA GPU measures, in one command of at most TOTAL_S seconds: `gpu` (.ci/gpu) and `gpu-sequential`
+(.ci/gpu-sequential). Steps, budgets, OUT/summary.json and the design: docs/gpu.md."""
 
 import argparse
 import json
@@ -41,7 +39,7 @@ def read_json(path):
 
 
 class Steps:
-    """Runs the steps one by one and rewrites OUT/summary.json after each."""
+    """Runs the steps one by one, each until its deadline (docs/gpu.md), and rewrites OUT/summary.json after each."""
 
     def __init__(self, flow, args):
         # Triton compiled (not interpreted), the cache's mamba-ssm (--wheels) first on the path, unbuffered logs;
@@ -57,9 +55,7 @@ class Steps:
         self.flow, self.args, self.t0, self.planned, self.records = flow, args, time.monotonic(), 0, {}
 
     def run(self, name, cmd=None, *, skip=None, output=None, read=read_json):
-        """cmd until its deadline, then SIGINT and SIGKILL, and read(output) once it ended, cut or not (output is
-        deleted first: never an earlier call's numbers); or skipped, `skip` says why. Time a step leaves, skipped or
-        not, goes to the later ones."""
+        """cmd, then read(output), cut or not; or skipped, `skip` says why."""
         self.planned += BUDGETS[self.flow][name]
         timeout = DRY_BUDGET if self.args.dry_run else \
             int(min(self.planned, TOTAL_S - KILL_AFTER) - (time.monotonic() - self.t0))
@@ -68,7 +64,7 @@ class Steps:
         else:
             cmd, log = [str(c) for c in cmd], self.args.out / f"{name}.log"
             if output:
-                output.unlink(missing_ok=True)
+                output.unlink(missing_ok=True)  # never an earlier call's numbers
             with open(log, "w") as f:
                 print(f"$ {shlex.join(cmd)}", file=f, flush=True)
                 start = time.monotonic()
@@ -87,13 +83,11 @@ class Steps:
         return self.records.get(name, {}).get("result")
 
     def settle(self, *, done=True):
-        """OUT/summary.json: the measurements, the steps, those not ok, what is missing (once all ran), and `ok`."""
         summary, wanted = summarize(self)
-        summary.update(wall_s=round(time.monotonic() - self.t0, 1), steps=self.records,
-                       not_ok_steps={n: r["status"] for n, r in self.records.items()
-                                     if r["status"] in ("failed", "cut", "no time")},
-                       missing=[name for name, value in wanted if value in (None, {}, [])] if done else [])
-        summary["ok"] = done and not summary["missing"] and "failed" not in summary["not_ok_steps"].values()
+        not_ok = {n: r["status"] for n, r in self.records.items() if r["status"] in ("failed", "cut", "no time")}
+        missing = [name for name, value in wanted if value in (None, {}, [])] if done else []
+        summary.update(wall_s=round(time.monotonic() - self.t0, 1), steps=self.records, not_ok_steps=not_ok,
+                       missing=missing, ok=done and not missing and "failed" not in not_ok.values())
         write_json(self.args.out / "summary.json", summary)
         return summary
 
@@ -171,13 +165,11 @@ def train_result(path):
 
 
 def bench_result(path):
-    """The default model's rows of a bench.py models --json file (written row by row: a cut run keeps its rows)."""
     rows = read_json(path).get("sections", {}).get("models")
     return [row for row in (rows if isinstance(rows, list) else []) if row["model"] == "Vision Mamba 2"]
 
 
 def pytest_result(path):
-    """From pytest's --junitxml file: the tests that passed, those that failed, and those skipped with why."""
     if not path.exists():
         return None
     cases = {case.get("name"): case for case in ET.parse(path).getroot().iter("testcase")}
@@ -209,16 +201,13 @@ def gpu_plan(args):
 
 
 def sequential_plan(args):
-    """.ci/gpu-sequential's steps after install and env: each task trained (resumed from its last checkpoint if OUT
-    holds one: cut in an earlier call), then evaluated by test_model.py."""
+    """.ci/gpu-sequential's steps after install and env: each task trained (or resumed), then evaluated."""
     epochs = ["--epochs", args.epochs or (1 if args.dry_run else 10)]
     # a dry run cannot wait for torch.compile on a CPU: the same runs without it, tiny
     recipe = ["--backend", "portable", *(TINY + ["--d-state", "16", "--headdim", "8"] if args.dry_run else
                                          ["--compile"])]
     again = ["--device", "cpu"] if args.dry_run else ["--compile"]  # runtime flags a resumed run needs again
-    # on the GPU batches of 640: fewer passes over the test set (the predictions and the accuracy while reading),
-    # each bound by its kernel launches more than by its images
-    size = ["--device", "cpu"] if args.dry_run else ["--batch-size", "640"]
+    size = ["--device", "cpu"] if args.dry_run else ["--batch-size", "640"]  # fewer passes, each launch-bound
     plan = {}
     for task in args.tasks:
         out = args.out / task / f"vision_mamba2_{task}.pth"
@@ -255,9 +244,8 @@ def summarize(steps):
     best = max(speeds, default=(None, None))
     # end to end: the process's wall time, from its start to the test accuracy
     wall = records.get("train-default", {}).get("seconds") if "test_acc" in default else None
-    summary.update(train_wall_s=wall, test_acc=default.get("test_acc"), default_run=default,
-                   train_img_per_s=best[0], train_img_per_s_source=best[1],
-                   official_over_portable=ratios, tests=result("test-cuda"))
+    summary.update(train_wall_s=wall, test_acc=default.get("test_acc"), default_run=default, train_img_per_s=best[0],
+                   train_img_per_s_source=best[1], official_over_portable=ratios, tests=result("test-cuda"))
     goals = [("python train.py end to end (s)", wall, "<=", 60), ("its test accuracy", summary["test_acc"], ">=", .995),
              ("official / portable training img/s, batch 128, eager", ratios.get("batch 128, eager"), ">=", 2),
              ("training img/s, best setting", best[0], ">=", 50000)]

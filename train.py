@@ -543,10 +543,23 @@ def plot_history(history, path, *, augmented):
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
 
 
+def write_results(run, path, test_loss=None, test_acc=None):
+    """The run's numbers for scripts (.ci/gpu.py reads them), after every epoch (a run cut short keeps them) and with
+    the test's once it ran. train_wall_s: this process's time from its start (a resumed run's: from the resume)."""
+    args, env = run.args, run.env
+    results = {"test_acc": test_acc, "test_loss": test_loss, "best_epoch": run.best_epoch,
+               "best_val_acc": run.best_val_acc, "epochs_done": len(run.history["val_acc"]),
+               "train_wall_s": time.perf_counter() - run.started, "images_per_sec": run.history["images_per_sec"],
+               "backend": describe_backend(args.backend, env.device) if args.arch == "mamba2" else None,
+               "device": str(env.device), "amp": str(run.amp_dtype).removeprefix("torch.") if run.use_amp else None,
+               "args": dict(vars(args))}
+    atomic_write(path, lambda f: f.write(json.dumps(results, indent=2).encode()))
+
+
 def fit(run, writer):
     """The epoch loop: train, validate, checkpoint; early stop. Returns 130 after Ctrl-C, else 0."""
     args, env = run.args, run.env
-    best_path, last_path, plot_path, *_ = output_paths(args)
+    best_path, last_path, plot_path, results_path, _ = output_paths(args)
     patience = max(5, args.epochs // 2) if args.patience is None else args.patience
     for epoch in range(run.start_epoch + 1, args.epochs + 1):
         if patience and epoch - 1 - run.best_epoch >= patience:
@@ -570,25 +583,13 @@ def fit(run, writer):
                 save_checkpoint(ckpt, best_path)
             save_checkpoint(ckpt, last_path)
             plot_history(run.history, plot_path, augmented=augmenting(args))
+            write_results(run, results_path)
         print0(epoch_line(run, epoch, improved))
     return 0
 
 
 # ----------------------------------------------------------------------------------------------------
 # The final test
-
-def write_results(run, path, test_loss, test_acc):
-    """The run's numbers for scripts (.ci/gpu.py reads them). train_wall_s: this process's time from its start to the
-    end of the test (a resumed run's counts from the resume)."""
-    args, env = run.args, run.env
-    results = {"test_acc": test_acc, "test_loss": test_loss, "best_epoch": run.best_epoch,
-               "best_val_acc": run.best_val_acc, "epochs_done": len(run.history["val_acc"]),
-               "train_wall_s": time.perf_counter() - run.started, "images_per_sec": run.history["images_per_sec"],
-               "backend": describe_backend(args.backend, env.device) if args.arch == "mamba2" else None,
-               "device": str(env.device), "amp": str(run.amp_dtype).removeprefix("torch.") if run.use_amp else None,
-               "args": dict(vars(args))}
-    atomic_write(path, lambda f: f.write(json.dumps(results, indent=2).encode()))
-
 
 def final_test(run, writer):
     """The test set, once, in fp32, with the weights that were best on validation (rank 0 reads them, all evaluate);

@@ -147,17 +147,12 @@ def describe_environment(path):
 
 
 def train_result(path):
-    """What train.py wrote to NAME.json once it finished, else (cut) to its last checkpoint NAME_last.pth."""
-    done, last = read_json(path), path.with_name(f"{path.stem}_last.pth")
-    if not done and last.exists():
-        import torch
-        ckpt = torch.load(last, map_location="cpu", weights_only=True)
-        done = dict(epochs_done=ckpt["epoch"], best_epoch=ckpt["best_epoch"], best_val_acc=ckpt["best_val_acc"],
-                    images_per_sec=ckpt["history"]["images_per_sec"], args=ckpt["args"], cut=True)
+    """What train.py wrote to NAME.json: after every epoch, and with test_acc (else null) once it finished."""
+    done = read_json(path)
     if not done:
         return None
     speeds = done["images_per_sec"]
-    keep = ("test_acc", "best_val_acc", "best_epoch", "epochs_done", "train_wall_s", "backend", "amp", "cut")
+    keep = ("test_acc", "best_val_acc", "best_epoch", "epochs_done", "train_wall_s", "backend", "amp")
     return dict({k: done[k] for k in keep if k in done}, batch_size=done["args"]["batch_size"],
                 images_per_sec=[round(s) for s in speeds],
                 # epoch 1 holds the compiling (Triton, torch.compile) and the graph capture
@@ -243,7 +238,7 @@ def summarize(steps):
               for b, mode, batch in by if b == "official" and ("portable", mode, batch) in by}
     best = max(speeds, default=(None, None))
     # end to end: the process's wall time, from its start to the test accuracy
-    wall = records.get("train-default", {}).get("seconds") if "test_acc" in default else None
+    wall = records.get("train-default", {}).get("seconds") if default.get("test_acc") is not None else None
     summary.update(train_wall_s=wall, test_acc=default.get("test_acc"), default_run=default, train_img_per_s=best[0],
                    train_img_per_s_source=best[1], official_over_portable=ratios, tests=result("test-cuda"))
     goals = [("python train.py end to end (s)", wall, "<=", 60), ("its test accuracy", summary["test_acc"], ">=", .995),

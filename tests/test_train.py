@@ -89,6 +89,10 @@ def test_end_to_end_outputs(reference, data_dir):
 
     assert (out_dir / "training_history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out_dir.glob("*.tmp"))
+    results = json.loads((out_dir / "m.json").read_text())  # the numbers .ci/gpu.py reads
+    assert results["test_acc"] == acc and results["epochs_done"] == EPOCHS and results["args"]["epochs"] == EPOCHS
+    assert (results["best_epoch"], results["best_val_acc"]) == (best["best_epoch"], best["best_val_acc"])
+    assert results["images_per_sec"] == history["images_per_sec"] and results["device"] == "cpu"
 
     tb = scalars(out_dir / "runs")
     for tag in ("loss/train", "loss/val", "accuracy/train", "accuracy/val", "lr", "images_per_sec"):
@@ -128,6 +132,9 @@ def test_interrupt_saves_resumable_checkpoint_and_resume_is_exact(reference, dat
     assert "Traceback" not in err and "--resume" in err
     interrupted = load(tmp_path / "m_last.pth")  # whole and loadable
     assert interrupted["epoch"] == 1  # the last epoch it finished
+    results = json.loads((tmp_path / "m.json").read_text())  # written after each epoch: a cut run keeps its numbers
+    assert results["epochs_done"] == 1 and results["test_acc"] is None
+    assert results["images_per_sec"] == interrupted["history"]["images_per_sec"]
 
     proc = run_train(data_dir, tmp_path, "--resume", str(tmp_path / "m_last.pth"))
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -104,6 +104,13 @@ def cell(value, fmt, why=None):
     return why or ("-" if value is None else format(value, fmt))
 
 
+def print_table(title, header, rows):
+    """The title, then a markdown table: its header "a | b | ...", and `rows`, each a list of cells."""
+    print(f"\n{title}\n\n| {header} |\n|{'---|' * len(header.split(' | '))}")
+    for cells in rows:
+        print(f"| {' | '.join(map(str, cells))} |")
+
+
 def saved_activation_bytes(fn):
     """Bytes of the tensors autograd keeps for the backward pass while fn() runs its forward: the activation memory
     of training, measurable on any device (CPU has no peak-memory counter)."""
@@ -212,18 +219,17 @@ def bench_models(args):
             rows.append(dict(model=name, backend=backend, mode=mode, device=str(device), dtype=dtype, batch=batch,
                              **measure_model(build, batch, mode, amp, args, device)))
             write_json(args, "models", rows)  # row by row: a run cut short keeps what it measured
-    print(f"\nWhole models on MNIST-sized images, {device} ({torch.get_num_threads()} threads), {dtype}; training = "
-          f"forward + backward + AdamW step (inference: twice the batch, no grad); median of {args.repeats} after a "
-          f"warm-up. Activations: what autograd keeps of one eager training batch"
-          f"{'; peak = most allocated by the model during the run' if device.type == 'cuda' else ''}\n")
-    print("| model | backend | mode | params | batch | train img/s | infer img/s | activations MiB | peak MiB "
-          "| train vs first row |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        ratio = "-" if r["failed"] or rows[0]["failed"] else f"{r['train_img_s'] / rows[0]['train_img_s']:.2f}x"
-        print(f"| {r['model']} | {r['backend']} | {r['mode']} | {r['params']:,} | {r['batch']} | "
-              f"{cell(r['train_img_s'], ',.1f', r['failed'])} | {cell(r['infer_img_s'], ',.1f')} | "
-              f"{cell(r['activation_mib'], ',.1f')} | {cell(r['peak_mib'], ',.0f')} | {ratio} |")
+    first = rows[0]["train_img_s"]
+    print_table(f"Whole models on MNIST-sized images, {device} ({torch.get_num_threads()} threads), {dtype}; "
+                f"training = forward + backward + AdamW step (inference: twice the batch, no grad); median of "
+                f"{args.repeats} after a warm-up. Activations: what autograd keeps of one eager training batch"
+                f"{'; peak = most allocated by the model during the run' if device.type == 'cuda' else ''}",
+                "model | backend | mode | params | batch | train img/s | infer img/s | activations MiB | peak MiB | "
+                "train vs first row",
+                [[r["model"], r["backend"], r["mode"], f"{r['params']:,}", r["batch"],
+                  cell(r["train_img_s"], ",.1f", r["failed"]), cell(r["infer_img_s"], ",.1f"),
+                  cell(r["activation_mib"], ",.1f"), cell(r["peak_mib"], ",.0f"),
+                  "-" if r["failed"] or rows[0]["failed"] else f"{r['train_img_s'] / first:.2f}x"] for r in rows])
     return rows
 
 
@@ -256,13 +262,11 @@ def bench_scaling(args):
             rows.append(dict(model=name, backend=backend, device=str(device), dtype="fp32", params=count_params(model),
                              length=l, batch=b, tokens_per_batch=tokens, failed=failed,
                              **(measured or dict.fromkeys(k for k, _ in columns))))
-    print(f"\n4 blocks of width 128, forward + backward, {device} ({torch.get_num_threads()} threads), fp32, "
-          f"about {tokens:,} tokens per batch; median of {args.repeats}\n")
-    print("| model | backend | params | tokens | batch | time (ms) | us / token | activations (MiB) | KiB / token |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['model']} | {r['backend']} | {r['params']:,} | {r['length']:,} | {r['batch']} | "
-              + " | ".join(cell(r[k], f, r["failed"]) for k, f in columns) + " |")
+    print_table(f"4 blocks of width 128, forward + backward, {device} ({torch.get_num_threads()} threads), fp32, "
+                f"about {tokens:,} tokens per batch; median of {args.repeats}",
+                "model | backend | params | tokens | batch | time (ms) | us / token | activations (MiB) | KiB / token",
+                [[r["model"], r["backend"], f"{r['params']:,}", f"{r['length']:,}", r["batch"],
+                  *(cell(r[k], f, r["failed"]) for k, f in columns)] for r in rows])
     plot_scaling(rows, args.plot, device)
     return rows
 
@@ -319,13 +323,12 @@ def bench_ssd(args):
         t_min, min_chunk = min((median_time(lambda: minimal(c), args.repeats), c) for c in chunks)
         rows.append(dict(device="cpu", dtype="fp32", length=l, batch=b, ours_ms=1e3 * t_ours, ours_chunk=ours_chunk,
                          minimal_ms=1e3 * t_min, minimal_chunk=min_chunk, minimal_over_ours=t_min / t_ours))
-    print(f"\nSSD forward + backward, CPU ({torch.get_num_threads()} threads), fp32, about {tokens:,} tokens per "
-          f"batch, heads {h}, headdim {p}, d_state {n}; median of {args.repeats}\n")
-    print("| L | batch | ours (ms) | ssd_minimal_discrete (ms) | minimal / ours |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['length']:,} | {r['batch']} | {r['ours_ms']:.1f} (chunk {r['ours_chunk']}) | "
-              f"{r['minimal_ms']:.1f} (chunk {r['minimal_chunk']}) | {r['minimal_over_ours']:.2f}x |")
+    print_table(f"SSD forward + backward, CPU ({torch.get_num_threads()} threads), fp32, about {tokens:,} tokens per "
+                f"batch, heads {h}, headdim {p}, d_state {n}; median of {args.repeats}",
+                "L | batch | ours (ms) | ssd_minimal_discrete (ms) | minimal / ours",
+                [[f"{r['length']:,}", r["batch"], f"{r['ours_ms']:.1f} (chunk {r['ours_chunk']})",
+                  f"{r['minimal_ms']:.1f} (chunk {r['minimal_chunk']})", f"{r['minimal_over_ours']:.2f}x"]
+                 for r in rows])
     return rows
 
 
@@ -403,15 +406,14 @@ def bench_profile(args):
                          ops_per_step=sum(launched_ops(prof).values()), step_ms=total,
                          shares={k: sum(ms for op, ms in own.items() if kind_of(op) == k) / total for k in KINDS},
                          rest_largest={op: own[op] / total for op in rest[:3]}))
-    print(f"\nOne training step on the CPU ({torch.get_num_threads()} threads), {dtype}, portable backend: the aten "
-          f"ops it runs that are not views (each at least one kernel launch on a GPU), and each op's own time by "
-          f"kind (torch.profiler, which adds a little to every op)\n")
-    print("| model | params | batch | aten ops | step ms | " + " | ".join(KINDS) + " | the rest's largest ops |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['model']} | {r['params']:,} | {r['batch']} | {r['ops_per_step']:,} | {r['step_ms']:,.0f} | "
-              + " | ".join(f"{100 * r['shares'][k]:.1f} %" for k in KINDS) + " | "
-              + ", ".join(f"{op.removeprefix('aten::')} {100 * s:.1f} %" for op, s in r["rest_largest"].items()) + " |")
+    print_table(f"One training step on the CPU ({torch.get_num_threads()} threads), {dtype}, portable backend: the "
+                f"aten ops it runs that are not views (each at least one kernel launch on a GPU), and each op's own "
+                f"time by kind (torch.profiler, which adds a little to every op)",
+                f"model | params | batch | aten ops | step ms | {' | '.join(KINDS)} | the rest's largest ops",
+                [[r["model"], f"{r['params']:,}", r["batch"], f"{r['ops_per_step']:,}", f"{r['step_ms']:,.0f}",
+                  *(f"{100 * r['shares'][k]:.1f} %" for k in KINDS),
+                  ", ".join(f"{op.removeprefix('aten::')} {100 * s:.1f} %" for op, s in r["rest_largest"].items())]
+                 for r in rows])
     return rows
 
 

@@ -333,19 +333,16 @@ def bench_ssd(args):
 
 
 def returns_a_view(op):
-    """Whether the aten op named `op` ("aten::reshape") is a view op: one of its overloads' schemas marks every
-    output as an alias of an input that is not written to (Tensor(a)): view, reshape, transpose, permute, select,
-    slice, expand, split, unbind, as_strided, t, unsqueeze, squeeze, alias, detach, to, ... (The profiler does
-    not record which overload ran; the overloads of one op differ here only in slice's, on strings.)"""
+    """Whether the aten op `op` ("aten::reshape") is a view op: an overload's schema marks every output as an alias
+    of an input, not written to (Tensor(a)). Any overload: the profiler does not record which one ran."""
     packet = getattr(torch.ops.aten, op.removeprefix("aten::"))
-    schemas = (getattr(packet, overload)._schema for overload in packet.overloads())
     return any(s.returns and all(r.alias_info is not None and not r.alias_info.is_write for r in s.returns)
-               for s in schemas)
+               for s in (getattr(packet, overload)._schema for overload in packet.overloads()))
 
 
 def profiled_step(model, x, y, *, amp=False):
-    """torch.profiler's record of one training step of `model` on the CPU: the second step (the first one creates
-    the optimizer's state and the model's caches)."""
+    """torch.profiler's record of the second training step of `model` on the CPU (the first creates the optimizer's
+    state and the model's caches)."""
     step = trainer(model, amp=amp, device=torch.device("cpu"))
     step(x, y)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -354,19 +351,12 @@ def profiled_step(model, x, y, *, amp=False):
 
 
 def launched_ops(prof):
-    """{aten op: count} of the ops that a profiled training step (profiled_step) launched. An op counts when it is
-      - top level: an aten op called from no other aten op (the ops that autograd's backward nodes call count:
-        their callers are autograd nodes), and
-      - not a view: not a view op (returns_a_view) whose every nested aten call is a view op too. So a reshape
-        that has to copy (it calls clone) counts and one that returns a view does not; likewise x.float() counts
-        when it casts (it calls _to_copy), not on an fp32 tensor (it returns x itself).
-    Each op counted is at least one kernel launch on a GPU. Deterministic: the same model and batch shape give
-    the same count on any CPU (and any batch size: no op depends on it)."""
-    def top_level(e):
-        while (e := e.cpu_parent) is not None:
-            if e.name.startswith("aten::"):
-                return False
-        return True
+    """{aten op: count} of the ops a profiled_step launched, each at least one kernel launch on a GPU: those called
+    by no aten op (autograd's nodes call the backward's), less views: a view op (returns_a_view) whose nested aten
+    calls are all views. So a reshape that copies (calls clone) counts, one that returns a view does not; x.float()
+    counts when it casts. The same count on any CPU, at any batch size (no op depends on it)."""
+    def top_level(e):  # no aten op above it
+        return (p := e.cpu_parent) is None or not p.name.startswith("aten::") and top_level(p)
 
     def view(e):
         return returns_a_view(e.name) and all(view(c) for c in e.cpu_children if c.name.startswith("aten::"))

@@ -273,12 +273,10 @@ def bench_scaling(args):
 
 def plot_scaling(rows, path, device):
     """The scaling rows as two panels, time and activation memory per token over the length (the README's figure)."""
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: no backend, no window, nothing kept once saved
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2)
     for (name, backend), mine in itertools.groupby([r for r in rows if r["ms"] is not None],
                                                    key=lambda r: (r["model"], r["backend"])):
         mine = list(mine)

@@ -42,7 +42,7 @@ import steps
 from baselines import CNN, CNNConfig, ViT, ViTConfig
 from mamba2_torch import mamba_chunk_scan_combined
 from vision_mamba2 import (ResidualMamba2Block, SequentialMamba2, SequentialMamba2Config, VisionMamba2,
-                           VisionMamba2Config, count_params, create_vision_mamba2_model, load_official_kernels)
+                           VisionMamba2Config, count_params, load_official_kernels)
 
 NEEDS_MAMBA_SSM = "compares against mamba-ssm's reference functions: install mamba-ssm (README)"
 
@@ -70,13 +70,11 @@ def median_time(fn, repeats, device=torch.device("cpu")):
 
 
 def trainer(model, *, amp, device, cache=True):
-    """step(x, y): one training step of `model` as train.py takes it (steps.training_step: forward under bf16
-    autocast when amp, cross-entropy, backward, AdamW), with a fresh optimizer. cache=False: autocast's weight cache
-    off, as CUDA graphs need."""
+    """step(x, y): one training step of `model` as train.py takes it (steps.training_step, bf16 autocast when amp),
+    with a fresh AdamW. cache=False: autocast's weight cache off, as CUDA graphs need."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type != "mps")
     scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 needs no loss scaling
-    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=amp,
-                                 cache_enabled=cache)
+    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=cache)
 
     def step(x, y):
         model.train()
@@ -85,7 +83,7 @@ def trainer(model, *, amp, device, cache=True):
     return step
 
 
-def attempt(measure, device, may_fail=None):
+def attempt(measure, *, may_fail=None):
     """(measure(), None), or (None, why) when the GPU ran out of memory or, where `may_fail` names what may go wrong
     (capturing CUDA graphs), that failed: the row says why and the run goes on."""
     try:
@@ -95,8 +93,7 @@ def attempt(measure, device, may_fail=None):
             raise
         why = "out of memory" if isinstance(e, torch.OutOfMemoryError) else f"{may_fail} failed ({type(e).__name__})"
         print(f"{why}: {cli.shorten(e)}", file=sys.stderr)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # only now: the except block's traceback held the failed step's tensors
+    torch.cuda.empty_cache()  # only now: the except block's traceback held the failed step's tensors (no-op: no CUDA)
     return None, why
 
 
@@ -151,58 +148,57 @@ def model_variant(flags):
 
 
 def model_specs(args, device):
-    """(name, backend, build, batch) of every model the models and profile sections measure."""
-    # the default 7x7 token grid, and the 14x14 grid of train.py --patch-size 2 (four times the tokens)
-    specs = [(name, backend, functools.partial(create_vision_mamba2_model, backend=backend, patch_size=p),
-              args.batch_size) for name, p in [("Vision Mamba 2", 4), ("Vision Mamba 2 (--patch-size 2)", 2)]
-             for backend in backends(device)]
-    specs += [(f"Vision Mamba 2 {flags}", backend, lambda c=config, b=backend: VisionMamba2(dataclasses.replace(
-        c, backend=b)), args.batch_size) for flags, config in args.variant for backend in backends(device)]
-    specs += [("sequential Mamba 2 (784 steps)", backend,
-               lambda backend=backend: SequentialMamba2(SequentialMamba2Config(backend=backend)), args.seq_batch_size)
-              for backend in backends(device)]
-    return specs + [("CNN (baselines.py)", "-", lambda: CNN(CNNConfig()), args.batch_size),
-                    ("ViT (baselines.py)", "-", lambda: ViT(ViTConfig()), args.batch_size)]
+    """(name, backend, build, batch) of every model the models and profile sections measure, the default first."""
+    def vm2(config):
+        return lambda backend: VisionMamba2(dataclasses.replace(config, backend=backend))
+    mamba = [("Vision Mamba 2", vm2(VisionMamba2Config()), args.batch_size),  # 7x7 tokens
+             ("Vision Mamba 2 (--patch-size 2)", vm2(VisionMamba2Config(patch_size=2)), args.batch_size),  # 14x14
+             *((f"Vision Mamba 2 {flags}", vm2(config), args.batch_size) for flags, config in args.variant),
+             ("sequential Mamba 2 (784 steps)", lambda backend: SequentialMamba2(SequentialMamba2Config(
+                 backend=backend)), args.seq_batch_size)]
+    return [(name, b, functools.partial(build, b), batch) for name, build, batch in mamba for b in backends(device)] \
+        + [("CNN (baselines.py)", "-", lambda: CNN(CNNConfig()), args.batch_size),
+           ("ViT (baselines.py)", "-", lambda: ViT(ViTConfig()), args.batch_size)]
 
 
-def measure_model(build, batch, mode, amp, args, device):
+def measure_model(build, *, batch, mode, amp, repeats, device):
     """One row of the models section: training and inference img/s of a fresh model, its parameters, what autograd
     keeps of an eager training step (activation MiB) and, on CUDA, its peak memory."""
     x, y = mnist_batch(2 * batch, device)  # inference takes twice the batch, as train.py's evaluation
-    cuda = device.type == "cuda"
+    cuda, graphs = device.type == "cuda", mode == "CUDA graphs"
+    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=amp)
     torch.manual_seed(0)
-    raw_model = build().to(device)
+    model = build().to(device)
     if cuda:
         gc.collect()  # a graphed model of an earlier row is a reference cycle: its memory goes only now
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device) if cuda else 0
 
-    def run():
-        trained = raw_model
-        if mode == "CUDA graphs":  # captured for the training batch's shape; inference stays eager
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
-                trained = steps.GraphedTraining(raw_model, x[:batch])
-        step = trainer(trained, amp=amp, device=device, cache=mode != "CUDA graphs")
+    @torch.no_grad()
+    def infer():
+        model.eval()
+        with autocast():
+            return model(x)
 
-        @torch.no_grad()
-        def infer():
-            raw_model.eval()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                return raw_model(x)
-        t_train = median_time(lambda: step(x[:batch], y[:batch]), args.repeats, device=device)
-        t_infer = median_time(infer, args.repeats, device=device)
+    def run():
+        trained = model
+        if graphs:  # captured for the training batch's shape; inference stays eager
+            with autocast(cache_enabled=False):
+                trained = steps.GraphedTraining(model, x[:batch])
+        step = trainer(trained, amp=amp, device=device, cache=not graphs)
+        t_train = median_time(lambda: step(x[:batch], y[:batch]), repeats, device=device)
+        t_infer = median_time(infer, repeats, device=device)
         saved = None
-        if mode == "eager":  # what autograd saves in an eager step (captured graphs keep their own)
-            raw_model.train()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                saved = saved_activation_bytes(lambda: F.cross_entropy(raw_model(x[:batch]), y[:batch]))
-        return dict(train_img_s=batch / t_train, infer_img_s=2 * batch / t_infer,
-                    activation_mib=None if saved is None else saved / 2**20,
+        if not graphs:  # what autograd saves in an eager step (captured graphs keep their own)
+            model.train()
+            with autocast():
+                saved = saved_activation_bytes(lambda: F.cross_entropy(model(x[:batch]), y[:batch])) / 2**20
+        return dict(train_img_s=batch / t_train, infer_img_s=2 * batch / t_infer, activation_mib=saved,
                     peak_mib=(torch.cuda.max_memory_allocated(device) - base) / 2**20 if cuda else None)
 
-    measured, failed = attempt(run, device, "CUDA graphs" if mode == "CUDA graphs" else None)
-    return dict(params=count_params(raw_model), failed=failed,
+    measured, failed = attempt(run, may_fail="CUDA graphs" if graphs else None)
+    return dict(params=count_params(model), failed=failed,
                 **(measured or dict.fromkeys(["train_img_s", "infer_img_s", "activation_mib", "peak_mib"])))
 
 
@@ -212,12 +208,12 @@ def bench_models(args):
     device = cli.resolve_device(args.device)
     amp = device.type == "cuda" if args.amp is None else args.amp  # train.py's default: bf16 autocast on CUDA
     dtype = "bf16 autocast" if amp else "fp32"
-    modes = ["eager"] + ["CUDA graphs"] * args.cuda_graphs
     rows = []
     for name, backend, build, batch in model_specs(args, device):
-        for mode in modes:
+        for mode in ["eager"] + ["CUDA graphs"] * args.cuda_graphs:
             rows.append(dict(model=name, backend=backend, mode=mode, device=str(device), dtype=dtype, batch=batch,
-                             **measure_model(build, batch, mode, amp, args, device)))
+                             **measure_model(build, batch=batch, mode=mode, amp=amp, repeats=args.repeats,
+                                             device=device)))
             write_json(args, "models", rows)  # row by row: a run cut short keeps what it measured
     first = rows[0]["train_img_s"]
     print_table(f"Whole models on MNIST-sized images, {device} ({torch.get_num_threads()} threads), {dtype}; "
@@ -258,7 +254,7 @@ def bench_scaling(args):
                 saved = saved_activation_bytes(lambda: model(x).sum())
                 return dict(ms=1e3 * t, us_per_token=1e6 * t / (b * l), activation_mib=saved / 2**20,
                             activation_kib_per_token=saved / 2**10 / (b * l))
-            measured, failed = attempt(measure, device)
+            measured, failed = attempt(measure)
             rows.append(dict(model=name, backend=backend, device=str(device), dtype="fp32", params=count_params(model),
                              length=l, batch=b, tokens_per_batch=tokens, failed=failed,
                              **(measured or dict.fromkeys(k for k, _ in columns))))

@@ -83,18 +83,18 @@ def trainer(model, *, amp, device, cache=True):
     return step
 
 
-def attempt(measure, *, may_fail=None):
-    """(measure(), None), or (None, why) when the GPU ran out of memory or, where `may_fail` names what may go wrong
-    (capturing CUDA graphs), that failed: the row says why and the run goes on."""
+def attempt(measure, keys, *, may_fail=None):
+    """failed=None and measure()'s numbers; or failed=why and `keys` as None when the GPU ran out of memory or, where
+    `may_fail` names what may go wrong (capturing CUDA graphs), that failed: the row says why and the run goes on."""
     try:
-        return measure(), None
+        return dict(failed=None, **measure())
     except Exception as e:
         if not (may_fail or isinstance(e, torch.OutOfMemoryError)):
             raise
         why = "out of memory" if isinstance(e, torch.OutOfMemoryError) else f"{may_fail} failed ({type(e).__name__})"
         print(f"{why}: {cli.shorten(e)}", file=sys.stderr)
     torch.cuda.empty_cache()  # only now: the except block's traceback held the failed step's tensors (no-op: no CUDA)
-    return None, why
+    return dict(failed=why, **dict.fromkeys(keys))
 
 
 def cell(value, fmt, why=None):
@@ -175,31 +175,26 @@ def measure_model(build, *, batch, mode, amp, repeats, device):
         torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device) if cuda else 0
 
-    @torch.no_grad()
     def infer():
         model.eval()
-        with autocast():
+        with torch.no_grad(), autocast():
             return model(x)
 
     def run():
-        trained = model
-        if graphs:  # captured for the training batch's shape; inference stays eager
-            with autocast(cache_enabled=False):
-                trained = steps.GraphedTraining(model, x[:batch])
+        with autocast(cache_enabled=False):  # graphs: captured for the training batch's shape; inference stays eager
+            trained = steps.GraphedTraining(model, x[:batch]) if graphs else model
         step = trainer(trained, amp=amp, device=device, cache=not graphs)
         t_train = median_time(lambda: step(x[:batch], y[:batch]), repeats, device=device)
         t_infer = median_time(infer, repeats, device=device)
-        saved = None
-        if not graphs:  # what autograd saves in an eager step (captured graphs keep their own)
-            model.train()
-            with autocast():
-                saved = saved_activation_bytes(lambda: F.cross_entropy(model(x[:batch]), y[:batch])) / 2**20
-        return dict(train_img_s=batch / t_train, infer_img_s=2 * batch / t_infer, activation_mib=saved,
+        model.train()
+        with autocast():  # what autograd keeps of an eager step (captured graphs keep their own)
+            saved = None if graphs else saved_activation_bytes(lambda: F.cross_entropy(model(x[:batch]), y[:batch]))
+        return dict(train_img_s=batch / t_train, infer_img_s=2 * batch / t_infer,
+                    activation_mib=None if graphs else saved / 2**20,
                     peak_mib=(torch.cuda.max_memory_allocated(device) - base) / 2**20 if cuda else None)
 
-    measured, failed = attempt(run, may_fail="CUDA graphs" if graphs else None)
-    return dict(params=count_params(model), failed=failed,
-                **(measured or dict.fromkeys(["train_img_s", "infer_img_s", "activation_mib", "peak_mib"])))
+    return dict(params=count_params(model), **attempt(run, ["train_img_s", "infer_img_s", "activation_mib", "peak_mib"],
+                                                      may_fail="CUDA graphs" if graphs else None))
 
 
 def bench_models(args):
@@ -254,10 +249,8 @@ def bench_scaling(args):
                 saved = saved_activation_bytes(lambda: model(x).sum())
                 return dict(ms=1e3 * t, us_per_token=1e6 * t / (b * l), activation_mib=saved / 2**20,
                             activation_kib_per_token=saved / 2**10 / (b * l))
-            measured, failed = attempt(measure)
             rows.append(dict(model=name, backend=backend, device=str(device), dtype="fp32", params=count_params(model),
-                             length=l, batch=b, tokens_per_batch=tokens, failed=failed,
-                             **(measured or dict.fromkeys(k for k, _ in columns))))
+                             length=l, batch=b, tokens_per_batch=tokens, **attempt(measure, [k for k, _ in columns])))
     print_table(f"4 blocks of width 128, forward + backward, {device} ({torch.get_num_threads()} threads), fp32, "
                 f"about {tokens:,} tokens per batch; median of {args.repeats}",
                 "model | backend | params | tokens | batch | time (ms) | us / token | activations (MiB) | KiB / token",

@@ -264,22 +264,20 @@ def plot_scaling(rows, path, device):
     """The scaling rows as two panels, time and activation memory per token over the length (the README's figure)."""
     from matplotlib.figure import Figure  # not pyplot: no backend, no window, nothing kept once saved
 
-    fig = Figure(figsize=(11, 4))
-    axes = fig.subplots(1, 2)
-    for (name, backend), mine in itertools.groupby([r for r in rows if r["ms"] is not None],
-                                                   key=lambda r: (r["model"], r["backend"])):
-        mine = list(mine)
-        for ax, key in zip(axes, ("us_per_token", "activation_kib_per_token")):
+    fig, lengths = Figure(figsize=(11, 4), layout="tight"), sorted({r["length"] for r in rows})
+    for ax, key, title in zip(fig.subplots(1, 2), ("us_per_token", "activation_kib_per_token"),
+                              ("forward + backward time per token (us)", "activation memory per token (KiB)")):
+        for (name, backend), mine in itertools.groupby([r for r in rows if r["ms"] is not None],
+                                                       key=lambda r: (r["model"], r["backend"])):
+            mine = list(mine)
             ax.plot([r["length"] for r in mine], [r[key] for r in mine], "o-",
                     label=name if backend == "-" else f"{name} ({backend})")
-    lengths = sorted({r["length"] for r in rows})
-    for ax, title in zip(axes, ("forward + backward time per token (us)", "activation memory per token (KiB)")):
         ax.set(xscale="log", xlabel="sequence length (tokens)", title=title)
         ax.set_xticks(lengths, [f"{l:,}" for l in lengths])
+        ax.set_xticks([], minor=True)  # the lengths label the axis, not a log scale's minor ticks
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(f"4 blocks of width 128 on {device}, same tokens per batch")
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"\nwrote {path}")
 

@@ -301,8 +301,8 @@ def bench_ssd(args):
             mamba_chunk_scan_combined(x, dt, A, B, C, chunk).sum().backward()
 
         def minimal(chunk):  # it takes x and A already scaled by dt, and B, C for every head
-            Bh, Ch = (t.expand(b, l, h, n) for t in (B, C))
-            ssd_minimal_discrete(x * dt[..., None], A * dt, Bh, Ch, chunk)[0].sum().backward()
+            y, _ = ssd_minimal_discrete(x * dt[..., None], A * dt, B.expand(b, l, h, n), C.expand(b, l, h, n), chunk)
+            y.sum().backward()
         t_ours, ours_chunk = min((median_time(lambda: ours(c), args.repeats), c) for c in (32, 64))
         chunks = [c for c in (16, 28, 32, 49, 64, 98, 128, 196) if l % c == 0]  # ssd_minimal_discrete's divide l
         t_min, min_chunk = min((median_time(lambda: minimal(c), args.repeats), c) for c in chunks)
@@ -400,8 +400,7 @@ QUICK = dict(batch_size=32, seq_batch_size=4, repeats=1, tokens=3136)
 def build_parser():
     count = cli.int_at_least(1)
     p = cli.Parser(prog="bench.py", formatter_class=cli.HelpFormatter,
-                   description="Benchmarks, each printing a markdown table (the top of bench.py says what each "
-                               "measures).")
+                   description="Benchmarks, each printing a markdown table (what each measures: the top of bench.py).")
     p.add_argument("sections", nargs="*", metavar="SECTION", help=f"any of {', '.join(SECTIONS)} (default: all of "
                    "them; ssd without mamba-ssm is then skipped with the reason)")
     p.add_argument("--quick", action="store_true", help="small sizes and one repeat, every table in a few minutes on "
@@ -459,13 +458,8 @@ def parse_args(argv):
         parser.error(f"unknown section {unknown[0]!r}: choose from {', '.join(SECTIONS)}")
     if "ssd" in args.sections and load_official_kernels() is None:
         parser.error(f"ssd cannot run here: it {NEEDS_MAMBA_SSM}")
-    if args.cuda_graphs:
-        try:
-            cuda = cli.resolve_device(args.device).type == "cuda"
-        except cli.UsageError as e:
-            parser.error(str(e))
-        if not cuda:
-            parser.error("--cuda-graphs needs a CUDA GPU (and --device auto or cuda)")
+    if args.cuda_graphs and not (torch.cuda.is_available() and args.device.split(":")[0] in ("auto", "cuda")):
+        parser.error("--cuda-graphs needs a CUDA GPU (and --device auto or cuda)")
     # what --json writes: the command, the machine and every section's rows (filled in as they are measured)
     machine = dict(platform=platform.platform(), torch=torch.__version__, threads=torch.get_num_threads(),
                    gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None)

@@ -34,7 +34,6 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 
 import checkpoint
 import cli
@@ -330,7 +329,7 @@ def profiled_step(model, x, y, *, amp=False):
     state and the model's caches)."""
     step = trainer(model, amp=amp, device=torch.device("cpu"))
     step(x, y)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         step(x, y)
     return prof
 
@@ -393,11 +392,30 @@ def bench_profile(args):
 
 
 SECTIONS = {"models": bench_models, "scaling": bench_scaling, "ssd": bench_ssd, "profile": bench_profile}
-# --quick: every section at small sizes, a few minutes on 2 CPU cores (flags given on the command line win)
 QUICK = dict(batch_size=32, seq_batch_size=4, repeats=1, tokens=3136)
 
 
-def build_parser():
+def write_json(args, section, rows):
+    """--json: every section's rows so far, written at once (a later failure or timeout keeps what was measured)."""
+    args.report["sections"][section] = rows
+    if args.json:
+        checkpoint.atomic_write(args.json, lambda f: f.write(json.dumps(args.report, indent=2).encode()))
+
+
+def run(args):
+    for name in args.sections or SECTIONS:
+        if name == "ssd" and load_official_kernels() is None:  # not asked for by name (parse_args refuses that)
+            print(f"\nssd: skipped, it {NEEDS_MAMBA_SSM}")
+            write_json(args, name, {"skipped": f"it {NEEDS_MAMBA_SSM}"})
+        else:
+            write_json(args, name, SECTIONS[name](args))
+        sys.stdout.flush()
+    if args.json:
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def parse_args(argv):
     count = cli.int_at_least(1)
     p = cli.Parser(prog="bench.py", formatter_class=cli.HelpFormatter,
                    description="Benchmarks, each printing a markdown table (what each measures: the top of bench.py).")
@@ -424,42 +442,16 @@ def build_parser():
     p.add_argument("--tokens", type=count, default=None, help="scaling, ssd: tokens per batch at every length "
                    "(default: 8,192; scaling on CUDA: 32,768, as fewer left every model waiting on launches (H100))")
     p.add_argument("--plot", default="scaling.png", help="scaling: where to write the plot")
-    return p
-
-
-def write_json(args, section, rows):
-    """--json: every section's rows so far, written at once (a later failure or timeout keeps what was measured)."""
-    args.report["sections"][section] = rows
-    if args.json:
-        checkpoint.atomic_write(args.json, lambda f: f.write(json.dumps(args.report, indent=2).encode()))
-
-
-def run(args):
-    for name in args.sections or SECTIONS:
-        if name == "ssd" and load_official_kernels() is None:  # not asked for by name (parse_args refuses that)
-            print(f"\nssd: skipped, it {NEEDS_MAMBA_SSM}")
-            write_json(args, name, {"skipped": f"it {NEEDS_MAMBA_SSM}"})
-        else:
-            write_json(args, name, SECTIONS[name](args))
-        sys.stdout.flush()
-    if args.json:
-        print(f"\nwrote {args.json}")
-    return 0
-
-
-def parse_args(argv):
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = p.parse_args(argv)
     if args.quick:  # small sizes as the defaults: flags on the command line still win
-        parser.set_defaults(**QUICK)
-        args = parser.parse_args(argv)
-    unknown = [s for s in args.sections if s not in SECTIONS]
-    if unknown:
-        parser.error(f"unknown section {unknown[0]!r}: choose from {', '.join(SECTIONS)}")
+        p.set_defaults(**QUICK)
+        args = p.parse_args(argv)
+    if unknown := [s for s in args.sections if s not in SECTIONS]:
+        p.error(f"unknown section {unknown[0]!r}: choose from {', '.join(SECTIONS)}")
     if "ssd" in args.sections and load_official_kernels() is None:
-        parser.error(f"ssd cannot run here: it {NEEDS_MAMBA_SSM}")
+        p.error(f"ssd cannot run here: it {NEEDS_MAMBA_SSM}")
     if args.cuda_graphs and not (torch.cuda.is_available() and args.device.split(":")[0] in ("auto", "cuda")):
-        parser.error("--cuda-graphs needs a CUDA GPU (and --device auto or cuda)")
+        p.error("--cuda-graphs needs a CUDA GPU (and --device auto or cuda)")
     # what --json writes: the command, the machine and every section's rows (filled in as they are measured)
     machine = dict(platform=platform.platform(), torch=torch.__version__, threads=torch.get_num_threads(),
                    gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None)

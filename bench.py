@@ -160,7 +160,7 @@ def model_specs(args, device):
            ("ViT (baselines.py)", "-", lambda: ViT(ViTConfig()), args.batch_size)]
 
 
-def measure_model(build, *, batch, mode, amp, repeats, device):
+def measure_model(name, backend, build, batch, *, mode, amp, repeats, device):
     """One row of the models section: training and inference img/s of a fresh model, its parameters, what autograd
     keeps of an eager training step (activation MiB) and, on CUDA, its peak memory."""
     x, y = mnist_batch(2 * batch, device)  # inference takes twice the batch, as train.py's evaluation
@@ -192,8 +192,9 @@ def measure_model(build, *, batch, mode, amp, repeats, device):
                     activation_mib=None if graphs else saved / 2**20,
                     peak_mib=(torch.cuda.max_memory_allocated(device) - base) / 2**20 if cuda else None)
 
-    return dict(params=count_params(model), **attempt(run, ["train_img_s", "infer_img_s", "activation_mib", "peak_mib"],
-                                                      may_fail="CUDA graphs" if graphs else None))
+    numbers = ["train_img_s", "infer_img_s", "activation_mib", "peak_mib"]
+    return dict(model=name, backend=backend, mode=mode, device=str(device), dtype="bf16 autocast" if amp else "fp32",
+                batch=batch, params=count_params(model), **attempt(run, numbers, may_fail=mode if graphs else None))
 
 
 def bench_models(args):
@@ -203,12 +204,9 @@ def bench_models(args):
     amp = device.type == "cuda" if args.amp is None else args.amp  # train.py's default: bf16 autocast on CUDA
     dtype = "bf16 autocast" if amp else "fp32"
     rows = []
-    for name, backend, build, batch in model_specs(args, device):
-        for mode in ["eager"] + ["CUDA graphs"] * args.cuda_graphs:
-            rows.append(dict(model=name, backend=backend, mode=mode, device=str(device), dtype=dtype, batch=batch,
-                             **measure_model(build, batch=batch, mode=mode, amp=amp, repeats=args.repeats,
-                                             device=device)))
-            write_json(args, "models", rows)  # row by row: a run cut short keeps what it measured
+    for spec, mode in itertools.product(model_specs(args, device), ["eager"] + ["CUDA graphs"] * args.cuda_graphs):
+        rows.append(measure_model(*spec, mode=mode, amp=amp, repeats=args.repeats, device=device))
+        write_json(args, "models", rows)  # row by row: a run cut short keeps what it measured
     first = rows[0]["train_img_s"]
     print_table(f"Whole models on MNIST-sized images, {device} ({torch.get_num_threads()} threads), {dtype}; "
                 f"training = forward + backward + AdamW step (inference: twice the batch, no grad); median of "

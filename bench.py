@@ -316,7 +316,8 @@ def bench_ssd(args):
 
 def returns_a_view(op):
     """Whether the aten op `op` ("aten::reshape") is a view op: an overload's schema marks every output as an alias
-    of an input, not written to (Tensor(a)). Any overload: the profiler does not record which one ran."""
+    of an input, not written to (Tensor(a)). Any overload: the profiler does not record which one ran, and an op's
+    overloads differ here only in slice's, on strings."""
     packet = getattr(torch.ops.aten, op.removeprefix("aten::"))
     return any(s.returns and all(r.alias_info is not None and not r.alias_info.is_write for r in s.returns)
                for s in (getattr(packet, overload)._schema for overload in packet.overloads()))

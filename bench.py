@@ -1,21 +1,18 @@
 """
 Benchmarks, each printing a markdown table: speed and memory claims live here, never in timed tests.
 
-    python bench.py                                  # every section (full sizes: for a GPU)
     python bench.py --quick                          # every section at small sizes: minutes on 2 CPU cores
-    python bench.py models profile --json b.json     # some sections; all their rows in one JSON file
+    python bench.py models profile --json b.json     # some sections (all, full size: for a GPU); rows in a JSON file
     python bench.py models --variant="--stem-width 24"   # and a model built from train.py's model flags
 
-    models   training and inference img/s and activation memory of every model: Vision Mamba 2 (7x7 and 14x14
-             tokens; portable, and official kernels on CUDA), the sequential model, baselines.py's CNN and ViT;
-             --cuda-graphs: each model's training steps replayed from CUDA graphs too, as train.py --cuda-graphs
+    models   training and inference img/s and activation memory of every model (Vision Mamba 2 at 7x7 and 14x14
+             tokens, the sequential model, the CNN and ViT); --cuda-graphs: their steps replayed from CUDA graphs too
     scaling  a 4-block stack, Mamba-2 against attention, from 49 to 3,136 tokens: time and memory per token
     ssd      our SSD against mamba_ssm's ssd_minimal_discrete, forward and backward (needs mamba-ssm; CPU)
-    profile  one training step of each model on the CPU: its aten ops (each at least one kernel launch on a GPU,
-             where these small models wait on launches), and its time in matrix products, convolutions, the rest
+    profile  one CPU training step of each model: its aten ops (kernel launches on a GPU) and where its time goes
 
-All in one process, so ratios compare like with like: medians after a warm-up, timed with CUDA events on a GPU.
-Every training step is train.py's (steps.training_step).
+All in one process, so ratios compare like with like: medians after a warm-up (CUDA events on a GPU); every training
+step is train.py's (steps.training_step).
 """
 
 import argparse
@@ -418,24 +415,21 @@ def parse_args(argv):
     count = cli.int_at_least(1)
     p = cli.Parser(prog="bench.py", formatter_class=cli.HelpFormatter,
                    description="Benchmarks, each printing a markdown table (what each measures: the top of bench.py).")
-    p.add_argument("sections", nargs="*", metavar="SECTION", help=f"any of {', '.join(SECTIONS)} (default: all of "
-                   "them; ssd without mamba-ssm is then skipped with the reason)")
+    p.add_argument("sections", nargs="*", metavar="SECTION", help=f"any of {', '.join(SECTIONS)} (default: all)")
     p.add_argument("--quick", action="store_true", help="small sizes and one repeat, every table in a few minutes on "
                    "2 CPU cores: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
     p.add_argument("--device", type=cli.device_name, default="auto",
                    help="models, scaling: auto picks cuda, then mps, then cpu (ssd and profile run on the CPU)")
     p.add_argument("--repeats", type=count, default=5, help="timed repeats per measurement (the median is reported)")
     p.add_argument("--json", help="also write every section's rows, the machine and the command to this JSON file")
-    p.add_argument("--batch-size", type=count, default=128, help="models, profile: the image models' training batch "
-                   "(inference: twice as many)")
+    p.add_argument("--batch-size", type=count, default=128, help="models, profile: the image models' training batch")
     p.add_argument("--seq-batch-size", type=count, default=32, help="models, profile: the sequential model's batch")
-    p.add_argument("--variant", type=model_variant, action="append", default=[], metavar="FLAGS",
-                   help='models, profile: one more Vision Mamba 2 row, built with these train.py model flags, as '
-                        '--variant="--stem-width 24" (repeatable)')
+    p.add_argument("--variant", type=model_variant, action="append", default=[], metavar="FLAGS", help="models, "
+                   "profile: one more Vision Mamba 2 row, built with these train.py model flags (repeatable)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="models, profile: bf16 autocast (default: as train.py, on CUDA only)")
-    p.add_argument("--cuda-graphs", action="store_true", help="models, CUDA only: also time each model's training "
-                   "steps replayed from CUDA graphs, as train.py --cuda-graphs runs them (inference stays eager)")
+    p.add_argument("--cuda-graphs", action="store_true", help="models: also each model's training steps replayed "
+                   "from CUDA graphs, as train.py --cuda-graphs runs them")
     p.add_argument("--lengths", type=count, nargs="+", default=[49, 196, 784, 3136],
                    help="scaling, ssd: sequence lengths (7x7, 14x14, 28x28, 56x56 token grids)")
     p.add_argument("--tokens", type=count, default=None, help="scaling, ssd: tokens per batch at every length "

@@ -44,7 +44,7 @@ from cli import (HelpFormatter, Parser, TrainingError, UsageError, add_config_fl
                  float_in, given_flags, int_at_least, resolve_device)
 from data import DATASETS, DeviceSplit, load_datasets, random_affine
 from steps import WeightAverage, compile_model, graph_training, keep_freed_memory_in_process, training_step
-from vision_mamba2 import count_params, describe_backend
+from vision_mamba2 import count_params, describe_backend, resolve_backend
 
 # ----------------------------------------------------------------------------------------------------
 # Flags. The model's come from its config dataclass (vision_mamba2.py, baselines.py), one per field that has a help
@@ -229,11 +229,10 @@ def sum_over_ranks(values, device):
 
 def from_rank0(obj):
     """Rank 0's obj, on every rank."""
+    box = [obj]
     if dist.is_initialized():
-        box = [obj]
         dist.broadcast_object_list(box, src=0)
-        obj = box[0]
-    return obj
+    return box[0]
 
 
 def start_processes(args):
@@ -255,11 +254,6 @@ def start_processes(args):
     if args.cuda_graphs and (device.type != "cuda" or ddp):
         raise UsageError(f"--cuda-graphs runs on one CUDA GPU, in one process (here: {device}"
                          f"{', under torchrun' if ddp else ''})")
-    if args.arch == "mamba2" and args.backend == "official":
-        try:
-            describe_backend(args.backend, device)
-        except RuntimeError as e:
-            raise UsageError(f"--backend official: {e}") from None
     rank, world_size = rank_and_world_size()
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     if device.type == "cuda":
@@ -273,11 +267,10 @@ def start_processes(args):
 
 def get_mnist_dataloaders(*, dataset="mnist", data_dir="./data", batch_size=128, max_train_samples=None, seed=0,
                           rank=0, world_size=1):
-    """Train / validation / test DataLoaders of normalized (B, 1, 28, 28) images and their labels (train.py moves
-    the datasets behind them onto the device whole: data.DeviceSplit). The validation split, a fixed fraction of the
-    training set (DATASETS), is drawn by `seed`; the test set is never shuffled. Under torchrun the loaders of
-    process `rank` give it its part of each split: its share of every epoch's shuffle (all ranks the same size, so
-    that they step together), and its own slice of validation and test, whose sums are all-reduced."""
+    """Train / validation / test DataLoaders of normalized (B, 1, 28, 28) images and labels (train.py moves them onto
+    the device whole: data.DeviceSplit); the validation split, a fixed fraction of the training set, is drawn by
+    `seed`. Process `rank` gets its share of every epoch's shuffle (all the same size: the ranks step together) and
+    its own slice of validation and test, whose sums are all-reduced."""
     info = DATASETS[dataset]
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((info.mean,), (info.std,))])
     train_full, test = load_datasets(dataset, data_dir, tf)
@@ -329,6 +322,8 @@ def build_model(args, device):
     try:
         config = config_cls(**{k: v for k, v in {**vars(args), **from_data}.items() if k in fields})
         config.validate()
+        if getattr(config, "backend", None) == "official":
+            resolve_backend("official", device)  # the official kernels run on this device, or an error says why not
         return model_cls(config).to(device)
     except (ValueError, RuntimeError) as e:
         raise UsageError(f"invalid model configuration: {e}") from None

@@ -395,6 +395,7 @@ def test_bad_flags_are_one_line_usage_errors(argv, message, capsys):
     (["--headdim", "7"], "invalid model configuration: d_model*expand = 32 must be divisible by headdim = 7"),
     (["--patch-size", "5"], "invalid model configuration: img_size 28 must be divisible by patch_size 5"),
     (["--cuda-graphs"], "--cuda-graphs runs on one CUDA GPU, in one process (here: cpu)"),  # TINY says --device cpu
+    (["--backend", "official"], "backend 'official' runs only on a CUDA GPU, got device cpu"),  # on a GPU machine too
     (["--resume", REPO / "pretrained" / "vision_mamba2_mnist.pth"], "holds a trained model only"),
 ])
 def test_unusable_values_are_one_line_errors_before_the_data_loads(argv, message, tmp_path, capsys):

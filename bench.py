@@ -11,7 +11,7 @@ Benchmarks, each printing a markdown table: speed and memory claims live here, n
     ssd      our SSD against mamba_ssm's ssd_minimal_discrete, forward and backward (needs mamba-ssm; CPU)
     profile  one CPU training step of each model: its aten ops (kernel launches on a GPU) and where its time goes
 
-All in one process, so ratios compare like with like: medians after a warm-up (CUDA events on a GPU); every training
+All in one process, so ratios compare like with like: medians after a warm-up, the GPU waited for; every training
 step is train.py's (steps.training_step).
 """
 
@@ -44,24 +44,17 @@ NEEDS_MAMBA_SSM = "compares against mamba-ssm's reference functions: install mam
 
 
 def median_time(fn, repeats, device=torch.device("cpu")):
-    """Median seconds of fn() over `repeats` calls after an untimed one. On CUDA each call is timed by events
-    recorded around it on the stream (the GPU's time up to its last kernel, not the launch's)."""
+    """Median seconds of fn() over `repeats` calls after an untimed one, each waited for to its last kernel (as
+    torch.utils.benchmark times them: a GPU's queue is drained before and after)."""
+    sync = {"cuda": lambda: torch.cuda.synchronize(device), "mps": torch.mps.synchronize}.get(device.type, lambda: 0)
     fn()
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            if device.type == "mps":
-                torch.mps.synchronize()
-            times.append(time.perf_counter() - t0)
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
@@ -222,8 +215,7 @@ def bench_scaling(args):
     """The same 4-block stack (width 128) over 49 to 3,136 tokens: Mamba-2 against softmax attention (ViT blocks).
     Tokens per batch are held constant, so a flat time per token means a cost linear in the length."""
     device = cli.resolve_device(args.device)
-    # on an H100, 8,192 tokens per batch left every model waiting on kernel launches (all lengths alike); at
-    # 32,768 attention's quadratic cost shows, while Mamba-2's steps still cost their launches
+    # a GPU runs small batches as fast as it launches their kernels: attention's quadratic cost shows only at more
     tokens = args.tokens or (32768 if device.type == "cuda" else 8192)
     stacks = [("Mamba-2", b, [ResidualMamba2Block(SequentialMamba2Config(d_model=128, d_state=32, headdim=32,
                                                                         backend=b)) for _ in range(4)])

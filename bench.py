@@ -2,7 +2,7 @@
 Benchmarks, each printing a markdown table: speed and memory claims live here, never in timed tests.
 
     python bench.py --quick                          # every section at small sizes: minutes on 2 CPU cores
-    python bench.py models profile --json b.json     # some sections (all, full size: for a GPU); rows in a JSON file
+    python bench.py models profile --json b.json     # some sections (none named: all, at full size); rows in JSON
     python bench.py models --variant="--stem-width 24"   # and a model built from train.py's model flags
 
     models   training and inference img/s and activation memory of every model (Vision Mamba 2 at 7x7 and 14x14

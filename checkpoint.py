@@ -8,7 +8,7 @@ A checkpoint is a dict:
     config          the model's config as a dict: rebuilds exactly the trained model
     args            train.py's flags ("task" and "arch" pick the model class)
     dataset, normalization, epoch, metrics
-and, in the *_last.pth that --resume reads, the optimizer state and the run's history besides (run_checkpoint).
+and, in those train.py writes (run_checkpoint), the optimizer state and the run's history, which --resume reads.
 """
 
 import dataclasses

@@ -210,7 +210,7 @@ def views(reader, shown, query, t):
 def attention_note(model):
     """What the attention panel draws, for this model's blocks."""
     form, over = explain.attention_matrix(model)
-    return f"**Hidden attention**: each block's Mamba-2 scan is y = M x, one matrix {form}; shown: |M| averaged " \
+    return f"**Hidden attention**: each block's Mamba-2 SSD is y = M x, one matrix {form}; shown: |M| averaged " \
            f"over {over}."
 
 

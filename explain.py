@@ -266,8 +266,9 @@ def attention_matrix(model):
     block = model.blocks[0]
     if not block.mixer.causal:
         return "M = C Bᵀ diag(dt A) per head (the non-causal SSD: no mask, no decay)", "the heads"
-    return ("M = L ∘ C Bᵀ per head (the SSD as masked attention)",
-            f"the heads and the {len(block.order)} scan directions, each mapped back to the grid")
+    k = len(block.order)
+    return "M = L ∘ C Bᵀ per head (the SSD as masked attention)", "the heads" + (
+        f" and the {k} scan directions, each mapped back to the grid" if k > 1 else "")
 
 
 def plot_attention(images, titles, maps, *, name, matrix):

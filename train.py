@@ -170,6 +170,8 @@ def check_args(args, given):
     if os.path.isdir(args.out) or args.out.endswith(os.sep):
         example = os.path.join(args.out, default_out(args.task, args.arch, args.dataset))
         raise UsageError(f"--out {args.out} is a folder: name the checkpoint file, e.g. {example}")
+    if args.out.endswith(".json"):  # the run's numbers go to --out's name with .json: never over the checkpoint
+        raise UsageError(f"--out {args.out}: name the checkpoint .pth (its numbers are written beside it as .json)")
 
 
 def parse_args(argv):
@@ -197,10 +199,9 @@ def parse_args(argv):
     if resume:
         merge_resume_args(args, resume["args"], given)
     else:
-        name = default_out(args.task, args.arch, args.dataset)
-        args.out = args.out or name
-        # TensorBoard's folder for this run; a resumed run logs on into its own (the name is in its args)
-        args.run_name = f"{name.removesuffix('.pth')}-{time.strftime('%Y%m%d-%H%M%S')}"
+        args.out = args.out or default_out(args.task, args.arch, args.dataset)
+        # TensorBoard's folder for this run, named after its checkpoint; a resumed run logs on into its own
+        args.run_name = f"{os.path.splitext(os.path.basename(args.out))[0]}-{time.strftime('%Y%m%d-%H%M%S')}"
     check_args(args, given)
     return args, resume
 
@@ -324,9 +325,10 @@ def build_model(args, device):
         config.validate()
         if getattr(config, "backend", None) == "official":
             resolve_backend("official", device)  # the official kernels run on this device, or an error says why not
-        return model_cls(config).to(device)
+        model = model_cls(config)
     except (ValueError, RuntimeError) as e:
         raise UsageError(f"invalid model configuration: {e}") from None
+    return model.to(device)  # (out of memory here is no configuration error)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -630,7 +632,8 @@ def describe_run(run, resume):
         print0(f"torchrun: {env.world_size} processes ({dist.get_backend()}): effective batch size "
                f"{env.world_size * args.batch_size}, {run.steps_per_epoch} steps per epoch, peak lr {args.lr:g}")
     if resume:
-        print0(f"resuming {args.resume} after epoch {run.start_epoch} (best validation accuracy {run.best_val_acc:.2%})")
+        print0(f"resuming {args.resume} after epoch {run.start_epoch} (best validation accuracy "
+               f"{run.best_val_acc:.2%})")
     print0(f"TensorBoard: tensorboard --logdir {output_paths(args)[-1]}   (run {args.run_name})")
 
 

@@ -377,6 +377,7 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     (["--device", "toaster"], "--device: not a torch device"),
     (["--cuda-graphs", "--compile"], "--cuda-graphs and --compile exclude each other"),
     (["--out", "results/"], "--out results/ is a folder: name the checkpoint file, e.g. results/vision_mamba2_mnist"),
+    (["--out", "m.json"], "--out m.json: name the checkpoint .pth"),
     (["--arch", "cnn", "--drop-path", "0.1"], "--drop-path belongs to --task/--arch image/mamba2, smnist/mamba2"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
     (["--arch", "resnet"], "argument --arch: invalid choice: 'resnet'"),

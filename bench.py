@@ -425,7 +425,7 @@ def parse_args(argv):
     p.add_argument("--lengths", type=count, nargs="+", default=[49, 196, 784, 3136],
                    help="scaling, ssd: sequence lengths (7x7, 14x14, 28x28, 56x56 token grids)")
     p.add_argument("--tokens", type=count, default=None, help="scaling, ssd: tokens per batch at every length "
-                   "(default: 8,192; scaling on CUDA: 32,768, as fewer left every model waiting on launches (H100))")
+                   "(default: 8,192; scaling on CUDA: 32,768, where fewer wait on kernel launches)")
     p.add_argument("--plot", default="scaling.png", help="scaling: where to write the plot")
     args = p.parse_args(argv)
     if args.quick:  # small sizes as the defaults: flags on the command line still win

@@ -380,6 +380,7 @@ def setup(args, env, data, model, resume):
     run.use_amp = cuda if args.amp is None else args.amp
     run.amp_dtype = torch.float16 if cuda and not torch.cuda.is_bf16_supported() else torch.bfloat16
     run.scaler = torch.amp.GradScaler(env.device.type, enabled=run.use_amp and run.amp_dtype == torch.float16)
+    run.amp = str(run.amp_dtype).removeprefix("torch.") if run.use_amp else None  # as printed and in the JSON
     # CUDA graphs need autocast's weight cache off (it only saves recasting a weight used twice)
     run.autocast = lambda: torch.autocast(env.device.type, dtype=run.amp_dtype, enabled=run.use_amp,
                                           cache_enabled=not args.cuda_graphs)
@@ -548,7 +549,7 @@ def write_results(run, path, test_loss=None, test_acc=None):
                "best_val_acc": run.best_val_acc, "epochs_done": len(run.history["val_acc"]),
                "train_wall_s": time.perf_counter() - run.started, "images_per_sec": run.history["images_per_sec"],
                "backend": describe_backend(args.backend, env.device) if args.arch == "mamba2" else None,
-               "device": str(env.device), "amp": str(run.amp_dtype).removeprefix("torch.") if run.use_amp else None,
+               "device": str(env.device), "amp": run.amp,
                "args": dict(vars(args))}
     atomic_write(path, lambda f: f.write(json.dumps(results, indent=2).encode()))
 
@@ -622,9 +623,9 @@ def describe_run(run, resume):
         seed = config.permutation_seed
         order = "row-major order" if seed is None else f"the order of --permutation-seed {seed}"
         print0(f"task {args.task}: {config.seq_len} pixels per image, one per step, in {order}")
-    amp = str(run.amp_dtype).removeprefix("torch.") if run.use_amp else "off"
     ema = f", weight average (decay {run.ema.decay:.4g})" if run.ema else ""
-    print0(f"model: {args.arch}, {count_params(run.raw_model):,} parameters, device {env.device}, amp {amp}"
+    print0(f"model: {args.arch}, {count_params(run.raw_model):,} parameters, device {env.device}, "
+           f"amp {run.amp or 'off'}"
            f"{', CUDA graphs' if args.cuda_graphs else ''}{', compiled' if args.compile else ''}{ema}")
     if args.arch == "mamba2":
         print0(f"backend: {describe_backend(args.backend, env.device)}")
